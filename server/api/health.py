@@ -1,0 +1,24 @@
+"""Liveness and readiness for load balancers and orchestrators."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from server.errors import ApiError
+
+router = APIRouter(tags=["health"])
+PUBLIC = {"x-scribefarm-roles": ["public"]}
+
+
+@router.get("/healthz", openapi_extra=PUBLIC)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", openapi_extra=PUBLIC)
+async def readyz(request: Request) -> dict[str, str]:
+    try:
+        await request.app.state.board.ping()
+    except Exception as exc:
+        raise ApiError(503, "database_unavailable", f"the board's database is unreachable: {exc}")
+    return {"status": "ready"}

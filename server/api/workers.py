@@ -1,0 +1,144 @@
+"""The worker protocol: register, claim (long poll), heartbeat, complete, fail, release.
+
+Every write that names a lease is fenced: a lease that is no longer the job's current
+one gets 409 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, Request
+
+from server.auth import Caller, allow
+from server.errors import ApiError
+from server.protocol import (
+    PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
+    ChunkSpan,
+    ClaimedJob,
+    ClaimRequest,
+    ClaimResponse,
+    CompleteRequest,
+    FailRequest,
+    JobOutcome,
+    LeaseRequest,
+    LeaseResponse,
+    Registration,
+    TranscriptionOptions,
+    WorkerCapabilities,
+)
+
+
+def protocol_version(
+    version: Annotated[str | None, Header(alias=PROTOCOL_HEADER)] = None,
+) -> None:
+    """Workers of another major version, or an older minor one, must upgrade first."""
+    ours = tuple(int(p) for p in PROTOCOL_VERSION.split("."))
+    try:
+        theirs = tuple(int(p) for p in (version or "").split("."))
+    except ValueError:
+        theirs = ()
+    if len(theirs) != 2 or theirs[0] != ours[0] or theirs[1] < ours[1]:
+        raise ApiError(
+            426,
+            "upgrade_required",
+            f"this board speaks worker protocol {PROTOCOL_VERSION}; the worker sent "
+            f"{PROTOCOL_HEADER}: {version or '(none)'}. Upgrade the worker.",
+        )
+
+
+router = APIRouter(prefix="/v1", tags=["worker protocol"], dependencies=[Depends(protocol_version)])
+WorkerKey = Annotated[Caller, allow("worker")]
+LEASE_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"description": "The lease is no longer current (or the job was canceled)."}
+}
+
+
+@router.post("/workers", response_model=Registration, status_code=201)
+async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey) -> Registration:
+    state = request.app.state
+    worker_id = await state.board.register_worker(caller.key_id, caps.model_dump())
+    lease = state.settings.lease_seconds
+    return Registration(worker_id=worker_id, lease_seconds=lease, heartbeat_seconds=lease / 3)
+
+
+@router.post("/jobs/claim", response_model=ClaimResponse)
+async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> ClaimResponse:
+    """Claims up to `max_jobs` jobs this worker can run; waits up to `wait_seconds` for
+    work to arrive when there is none."""
+    state = request.app.state
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + body.wait_seconds
+    while True:
+        rows = await state.board.claim(
+            body.worker_id, caller.key_id, body.max_jobs, state.settings.lease_seconds
+        )
+        remaining = deadline - loop.time()
+        if rows or remaining <= 0:
+            break
+        await state.doorbell.wait(remaining)
+        if await request.is_disconnected():
+            return ClaimResponse(jobs=[])  # nobody would receive what we claimed
+    base = state.settings.public_url or str(request.base_url).rstrip("/")
+    return ClaimResponse(jobs=[claimed_job(row, base, state) for row in rows])
+
+
+def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
+    chunk = None
+    if row["kind"] == "transcribe":
+        chunk = ChunkSpan(index=row["seq"] - 1, start=row["start_seconds"], end=row["end_seconds"])
+    options = TranscriptionOptions.model_validate(row["options"])
+    signed = state.storage.signed_path(row["source_key"], state.settings.signed_url_seconds)
+    return ClaimedJob(
+        id=row["id"],
+        kind=row["kind"],
+        lease_id=row["lease_id"],
+        lease_expires_at=row["lease_expires_at"],
+        attempt=row["attempts"],
+        transcription_id=row["transcription_id"],
+        source_url=base_url + signed,
+        options=options,
+        model=row["model"] or options.model or state.settings.default_model,
+        chunk=chunk,
+    )
+
+
+@router.post("/jobs/{job_id}/heartbeat", response_model=LeaseResponse, responses=LEASE_ERRORS)
+async def heartbeat(
+    request: Request, job_id: UUID, body: LeaseRequest, caller: WorkerKey
+) -> LeaseResponse:
+    state = request.app.state
+    expires = await state.board.heartbeat(job_id, body.lease_id, state.settings.lease_seconds)
+    return LeaseResponse(lease_expires_at=expires)
+
+
+@router.post("/jobs/{job_id}/complete", response_model=JobOutcome, responses=LEASE_ERRORS)
+async def complete(
+    request: Request, job_id: UUID, body: CompleteRequest, caller: WorkerKey
+) -> JobOutcome:
+    """Records the result. A chunk job's plan fans out into transcribe jobs; the last
+    transcribe job to finish merges the transcript, in the same transaction."""
+    state = await request.app.state.board.complete(job_id, body.lease_id, body.result)
+    return JobOutcome(state=state)
+
+
+@router.post("/jobs/{job_id}/fail", response_model=JobOutcome, responses=LEASE_ERRORS)
+async def fail(request: Request, job_id: UUID, body: FailRequest, caller: WorkerKey) -> JobOutcome:
+    """Retried with exponential backoff until its attempts run out; `permanent` errors
+    (a file that is not media) fail the transcription at once."""
+    state, run_after = await request.app.state.board.fail(
+        job_id, body.lease_id, body.error, body.permanent
+    )
+    return JobOutcome(state=state, run_after=run_after)
+
+
+@router.post("/jobs/{job_id}/release", response_model=JobOutcome, responses=LEASE_ERRORS)
+async def release(
+    request: Request, job_id: UUID, body: LeaseRequest, caller: WorkerKey
+) -> JobOutcome:
+    """Gives a job back untouched (a worker shutting down); the attempt does not count."""
+    await request.app.state.board.release(job_id, body.lease_id)
+    return JobOutcome(state="queued")

@@ -1,0 +1,82 @@
+"""The FastAPI application: wires settings, the board, storage and the routers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+
+from server import db, errors, maintenance
+from server.api import health, media, transcriptions, workers
+from server.auth import KeyCache, RoleCheck
+from server.board import Board, init_connection
+from server.doorbell import Doorbell
+from server.settings import Settings
+from server.storage import LocalStorage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = db.database_url(settings)
+        await asyncio.to_thread(db.migrate, url)
+        pool = await db.create_pool(url, settings.db_pool_size, init_connection)
+        app.state.board = Board(pool, settings)
+        app.state.doorbell = Doorbell()
+        background = [
+            asyncio.create_task(maintenance.listen(url, app.state.doorbell, settings.poll_seconds)),
+            asyncio.create_task(
+                maintenance.poll(app.state.board, app.state.doorbell, settings.poll_seconds)
+            ),
+        ]
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await pool.close()
+
+    app = FastAPI(
+        title="scribefarm",
+        version="0.1.0",
+        summary="A distributed transcription farm",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.storage = LocalStorage(settings.storage_dir, settings.signing_secret)
+    app.state.keys = KeyCache()
+    errors.install(app)
+    for module in (transcriptions, workers, media, health):
+        app.include_router(module.router)
+    app.openapi = lambda: openapi_with_roles(app)
+    return app
+
+
+def route_roles(route: APIRoute) -> list[str] | None:
+    """The roles a route's RoleCheck admits, found in its dependency tree."""
+    stack = list(route.dependant.dependencies)
+    while stack:
+        dep = stack.pop()
+        if isinstance(dep.call, RoleCheck):
+            return list(dep.call.roles)
+        stack.extend(dep.dependencies)
+    return None
+
+
+def openapi_with_roles(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for route in app.routes:
+            roles = isinstance(route, APIRoute) and route_roles(route)
+            if roles:
+                for method in route.methods:
+                    schema["paths"][route.path_format][method.lower()]["x-scribefarm-roles"] = roles
+        app.openapi_schema = schema
+    return app.openapi_schema

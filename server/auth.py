@@ -1,0 +1,106 @@
+"""API keys and roles.
+
+Keys are random 256-bit tokens shown once; the board stores only their sha256. Every
+route names the roles it admits with `allow(...)`; the OpenAPI schema lists them under
+`x-scribefarm-roles`, which the tests walk so no route can slip through unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from uuid import UUID
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.errors import ApiError
+
+ROLES = ("submit", "worker", "admin")
+KEY_PREFIX = "sf_"
+CACHE_SECONDS = 5.0  # how long a revocation may take to be noticed
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer sf_...`")
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: UUID
+    role: str
+
+    @property
+    def owner_filter(self) -> UUID | None:
+        """Admin sees everything; a submit key only what it submitted."""
+        return None if self.role == "admin" else self.key_id
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyCache:
+    """Recently seen keys, so a busy worker does not cost a lookup per request."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Caller | None]] = {}
+
+    async def lookup(self, board, key: str) -> Caller | None:
+        digest = hash_key(key)
+        hit = self._entries.get(digest)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        row = await board.find_key(digest)
+        caller = None
+        if row is not None and not row["expired"] and not row["revoked"]:
+            caller = Caller(row["id"], row["role"])
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic() + CACHE_SECONDS, caller)
+        return caller
+
+
+class RoleCheck:
+    def __init__(self, roles: tuple[str, ...]):
+        self.roles = roles
+
+    async def __call__(
+        self,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> Caller:
+        if credentials is None:
+            raise ApiError(
+                401,
+                "unauthenticated",
+                "this route needs an API key: send 'Authorization: Bearer <key>' "
+                "(create one with 'scribefarm keys create')",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        state = request.app.state
+        caller = await state.keys.lookup(state.board, credentials.credentials)
+        if caller is None:
+            raise ApiError(
+                401,
+                "invalid_key",
+                "the API key is unknown, revoked or expired",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if caller.role not in self.roles:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"a {caller.role} key cannot use this route; it needs a key with role "
+                + " or ".join(self.roles),
+            )
+        return caller
+
+
+def allow(*roles: str):
+    """Dependency admitting only keys with one of `roles`; yields the Caller."""
+    return Depends(RoleCheck(roles))

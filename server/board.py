@@ -1,0 +1,529 @@
+"""The job board: the only module that runs SQL against the board's tables.
+
+Every statement names the index it relies on. Lease times come from the database
+clock (now()), never from a worker's clock. Writes that name a lease are fenced:
+they change a row only while that lease is the job's current one.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from server import transcripts
+from server.errors import ApiError
+from server.protocol import ChunkPlan, ChunkTranscript
+from server.settings import Settings
+
+JOBS_CHANNEL = "scribefarm_jobs"
+
+# Claims up to $3 jobs the worker can run and takes over expired leases in the same
+# statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
+# queued/leased rows only; SKIP LOCKED lets concurrent claimers pass each other.
+# Returns no row at all when the worker is unknown, one all-NULL row when there is
+# no work.
+CLAIM = """
+WITH worker AS (
+    UPDATE workers SET last_seen_at = now()
+    WHERE id = $1 AND api_key_id = $2
+    RETURNING models, kinds
+), candidates AS (
+    SELECT j.id FROM jobs j, worker w
+    WHERE j.state IN ('queued', 'leased')
+      AND ((j.state = 'queued' AND j.run_after <= now())
+           OR (j.state = 'leased' AND j.lease_expires_at <= now()
+               AND j.attempts < j.max_attempts))
+      AND j.kind = ANY(w.kinds)
+      AND (j.model IS NULL OR j.model = ANY(w.models))
+    ORDER BY j.priority DESC, j.submitted_at, j.seq
+    LIMIT $3
+    FOR UPDATE OF j SKIP LOCKED
+), claimed AS (
+    UPDATE jobs j
+    SET state = 'leased', lease_id = gen_random_uuid(), worker_id = $1,
+        lease_expires_at = now() + make_interval(secs => $4), leased_at = now(),
+        attempts = j.attempts + 1
+    FROM candidates c WHERE j.id = c.id
+    RETURNING j.id, j.kind, j.lease_id, j.lease_expires_at, j.attempts, j.transcription_id,
+              j.seq, j.model, j.start_seconds, j.end_seconds
+), started AS (
+    -- primary key lookups
+    UPDATE transcriptions t SET state = 'running', started_at = now()
+    WHERE t.id IN (SELECT transcription_id FROM claimed) AND t.state = 'queued'
+)
+SELECT c.*, t.source_key, t.options
+FROM worker
+LEFT JOIN (claimed c JOIN transcriptions t ON t.id = c.transcription_id) ON true
+"""
+
+# Primary key lookup; fenced on the lease.
+HEARTBEAT = """
+UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
+WHERE id = $1 AND lease_id = $2 AND state = 'leased'
+RETURNING lease_expires_at
+"""
+
+# Primary key lookup; fenced on the lease.
+COMPLETE = """
+UPDATE jobs SET state = 'succeeded', result = $3, finished_at = now(), lease_expires_at = NULL
+WHERE id = $1 AND lease_id = $2 AND state = 'leased'
+RETURNING kind, transcription_id, worker_id, start_seconds, end_seconds
+"""
+
+# Primary key lookup: why a fenced write matched nothing.
+JOB_STATE = "SELECT state, lease_id FROM jobs WHERE id = $1"
+
+# Primary key lookup; fenced on the lease. Exponential backoff with jitter, from the
+# database clock; permanent errors and exhausted attempts go straight to dead.
+FAIL = """
+UPDATE jobs SET
+    state = CASE WHEN $4 OR attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+    run_after = now() + make_interval(secs =>
+        least($6, $5 * power(2, attempts - 1)) * (0.5 + random())),
+    error = $3, lease_expires_at = NULL, finished_at = now()
+WHERE id = $1 AND lease_id = $2 AND state = 'leased'
+RETURNING state, run_after, transcription_id, kind, seq, start_seconds, end_seconds, attempts
+"""
+
+# Primary key lookup; fenced. A worker shutting down gives a job back at once, and the
+# attempt it used does not count against the job.
+RELEASE = """
+UPDATE jobs SET state = 'queued', run_after = now(), lease_expires_at = NULL,
+                attempts = greatest(attempts - 1, 0)
+WHERE id = $1 AND lease_id = $2 AND state = 'leased'
+RETURNING id
+"""
+
+# Uses ix_jobs_leased: expired leases whose attempts are used up will never be claimed
+# again (CLAIM skips them), so they are dead.
+RESCUE_EXHAUSTED = """
+UPDATE jobs SET state = 'dead', finished_at = now(), lease_expires_at = NULL,
+    error = coalesce(error || '; ', '') || 'lease expired on the last attempt (worker lost)'
+WHERE state = 'leased' AND lease_expires_at <= now() AND attempts >= max_attempts
+RETURNING transcription_id, kind, seq, start_seconds, end_seconds, attempts, error
+"""
+
+# Walks ix_jobs_claimable; capped, it only tells the doorbell how many to wake.
+COUNT_CLAIMABLE = """
+SELECT count(*) FROM (
+    SELECT 1 FROM jobs
+    WHERE state IN ('queued', 'leased')
+      AND ((state = 'queued' AND run_after <= now())
+           OR (state = 'leased' AND lease_expires_at <= now() AND attempts < max_attempts))
+    LIMIT $1
+) AS claimable
+"""
+
+# Fan-out: one transcribe job per planned chunk, inserted with the chunk job's
+# completion. ix_jobs_transcription (transcription_id, seq) is unique, so a chunk
+# plan can never be inserted twice.
+INSERT_TRANSCRIBE_JOBS = """
+INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
+                  start_seconds, end_seconds, max_attempts)
+SELECT t.id, 'transcribe', 'queued', s.seq, t.model, t.priority, t.created_at,
+       s.start_seconds, s.end_seconds, $5
+FROM transcriptions t,
+     unnest($2::int[], $3::float8[], $4::float8[]) AS s(seq, start_seconds, end_seconds)
+WHERE t.id = $1
+"""
+
+# Primary key lookup.
+PLANNED = """
+UPDATE transcriptions SET duration_seconds = $2, jobs_total = $3
+WHERE id = $1 AND state = 'running'
+"""
+
+# Fan-in: the row lock on the transcription serialises concurrent completions, so
+# exactly one of them sees jobs_done reach jobs_total.
+COUNT_DONE = """
+UPDATE transcriptions
+SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $2
+WHERE id = $1 AND state = 'running'
+RETURNING jobs_done, jobs_total, duration_seconds
+"""
+
+# Uses ix_jobs_transcription.
+CHUNK_RESULTS = """
+SELECT start_seconds, end_seconds, result FROM jobs
+WHERE transcription_id = $1 AND kind = 'transcribe'
+ORDER BY seq
+"""
+
+# Primary key lookup.
+SUCCEED = """
+UPDATE transcriptions SET state = 'succeeded', transcript = $2, finished_at = now()
+WHERE id = $1 AND state = 'running'
+"""
+
+# Primary key lookup.
+WORKER_STATS = """
+UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $2,
+                   busy_seconds = busy_seconds + $3, last_seen_at = now()
+WHERE id = $1
+"""
+
+# Primary key lookup, then ix_jobs_transcription for its unfinished jobs.
+FAIL_TRANSCRIPTION = """
+WITH failed AS (
+    UPDATE transcriptions SET state = 'failed', error = $2, finished_at = now()
+    WHERE id = $1 AND state IN ('queued', 'running')
+    RETURNING id
+)
+UPDATE jobs SET state = 'canceled', lease_expires_at = NULL, finished_at = now()
+WHERE transcription_id IN (SELECT id FROM failed) AND state IN ('queued', 'leased')
+"""
+
+CANCEL_TRANSCRIPTION = """
+WITH canceled AS (
+    UPDATE transcriptions SET state = 'canceled', finished_at = now()
+    WHERE id = $1 AND state IN ('queued', 'running')
+    RETURNING id
+), jobs_canceled AS (
+    UPDATE jobs SET state = 'canceled', lease_expires_at = NULL, finished_at = now()
+    WHERE transcription_id IN (SELECT id FROM canceled) AND state IN ('queued', 'leased')
+)
+SELECT count(*) FROM canceled
+"""
+
+# Requeues what did not finish (dead or canceled jobs); finished chunks keep their
+# results. Uses ix_jobs_transcription.
+RETRY_TRANSCRIPTION = """
+WITH retried AS (
+    UPDATE transcriptions
+    SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END,
+        error = NULL, finished_at = NULL
+    WHERE id = $1 AND state IN ('failed', 'canceled')
+    RETURNING id
+), requeued AS (
+    UPDATE jobs SET state = 'queued', attempts = 0, run_after = now(), error = NULL,
+                    lease_id = NULL, finished_at = NULL
+    WHERE transcription_id IN (SELECT id FROM retried) AND state IN ('dead', 'canceled')
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM requeued) AS jobs
+"""
+
+INSERT_TRANSCRIPTION = """
+WITH t AS (
+    INSERT INTO transcriptions (id, api_key_id, state, filename, source_key, source_bytes,
+                                options, model, priority)
+    VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8)
+    RETURNING id, model, priority, created_at
+)
+INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
+                  max_attempts)
+SELECT id, 'chunk', 'queued', 0, NULL, priority, created_at, $9 FROM t
+"""
+
+TRANSCRIPTION_COLUMNS = """
+id, api_key_id, state, filename, options, model, created_at, started_at, finished_at,
+duration_seconds, jobs_total, jobs_done, audio_seconds_done, error, now() AS db_now
+"""
+
+# Primary key lookup; a submit key sees only its own ($2), admin passes NULL.
+GET_TRANSCRIPTION = f"""
+SELECT {TRANSCRIPTION_COLUMNS} FROM transcriptions
+WHERE id = $1 AND ($2::uuid IS NULL OR api_key_id = $2)
+"""
+
+# Keyset pagination, newest first: ix_transcriptions_owner_created for a submit key,
+# ix_transcriptions_created for admin.
+LIST_TRANSCRIPTIONS = f"""
+SELECT {TRANSCRIPTION_COLUMNS} FROM transcriptions
+WHERE ($1::uuid IS NULL OR api_key_id = $1)
+  AND ($2::text IS NULL OR state = $2)
+  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $5
+"""
+
+# Primary key lookup.
+GET_TRANSCRIPT = """
+SELECT state, transcript FROM transcriptions
+WHERE id = $1 AND ($2::uuid IS NULL OR api_key_id = $2)
+"""
+
+REGISTER_WORKER = """
+INSERT INTO workers (api_key_id, name, engine, device, batch_size, models, kinds)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING id
+"""
+
+# key_hash is unique (its index): one lookup per uncached key.
+FIND_KEY = """
+SELECT id, role, (expires_at IS NOT NULL AND expires_at <= now()) AS expired,
+       revoked_at IS NOT NULL AS revoked
+FROM api_keys WHERE key_hash = $1
+"""
+
+INSERT_KEY = """
+INSERT INTO api_keys (name, role, key_hash, prefix, expires_at) VALUES ($1, $2, $3, $4, $5)
+RETURNING id
+"""
+
+
+class Board:
+    """Claims, leases and the transcription life cycle, over one connection pool."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings):
+        self.pool = pool
+        self.settings = settings
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # --- submission ---------------------------------------------------------
+
+    async def submit(
+        self,
+        *,
+        owner: UUID,
+        transcription_id: UUID,
+        filename: str | None,
+        source_key: str,
+        source_bytes: int,
+        options: dict[str, Any],
+        model: str,
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                INSERT_TRANSCRIPTION,
+                transcription_id,
+                owner,
+                filename,
+                source_key,
+                source_bytes,
+                options,
+                model,
+                options.get("priority", 0),
+                self.settings.max_attempts,
+            )
+            await notify_jobs(conn, 1)
+
+    async def get(self, transcription_id: UUID, owner: UUID | None) -> asyncpg.Record:
+        row = await self.pool.fetchrow(GET_TRANSCRIPTION, transcription_id, owner)
+        if row is None:
+            raise not_found(transcription_id)
+        return row
+
+    async def list(
+        self,
+        owner: UUID | None,
+        state: str | None,
+        after: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> list[asyncpg.Record]:
+        created, last_id = after or (None, None)
+        return await self.pool.fetch(LIST_TRANSCRIPTIONS, owner, state, created, last_id, limit)
+
+    async def transcript(self, transcription_id: UUID, owner: UUID | None) -> dict[str, Any]:
+        row = await self.pool.fetchrow(GET_TRANSCRIPT, transcription_id, owner)
+        if row is None:
+            raise not_found(transcription_id)
+        if row["state"] != "succeeded":
+            raise ApiError(
+                409,
+                "not_finished",
+                f"transcription {transcription_id} is {row['state']}; "
+                "its transcript is available once it has succeeded",
+            )
+        return row["transcript"]
+
+    async def cancel(self, transcription_id: UUID, owner: UUID | None) -> None:
+        row = await self.get(transcription_id, owner)
+        canceled = await self.pool.fetchval(CANCEL_TRANSCRIPTION, transcription_id)
+        if not canceled:
+            raise ApiError(
+                409, "already_finished", f"transcription {transcription_id} is {row['state']}"
+            )
+
+    async def retry_transcription(self, transcription_id: UUID, owner: UUID | None) -> None:
+        row = await self.get(transcription_id, owner)
+        async with self.pool.acquire() as conn, conn.transaction():
+            result = await conn.fetchrow(RETRY_TRANSCRIPTION, transcription_id)
+            if not result["retried"]:
+                raise ApiError(
+                    409,
+                    "not_retryable",
+                    f"transcription {transcription_id} is {row['state']}; "
+                    "only failed or canceled transcriptions can be retried",
+                )
+            await notify_jobs(conn, result["jobs"])
+
+    # --- workers ------------------------------------------------------------
+
+    async def register_worker(self, key_id: UUID, caps: dict[str, Any]) -> UUID:
+        return await self.pool.fetchval(
+            REGISTER_WORKER,
+            key_id,
+            caps["name"],
+            caps["engine"],
+            caps["device"],
+            caps["batch_size"],
+            caps["models"],
+            caps["kinds"],
+        )
+
+    async def claim(
+        self, worker_id: UUID, key_id: UUID, max_jobs: int, lease_seconds: float
+    ) -> list[asyncpg.Record]:
+        rows = await self.pool.fetch(CLAIM, worker_id, key_id, max_jobs, lease_seconds)
+        if not rows:
+            raise ApiError(
+                404,
+                "unknown_worker",
+                f"worker {worker_id} is not registered with this key; register again",
+            )
+        return [row for row in rows if row["id"] is not None]
+
+    async def count_claimable(self, cap: int) -> int:
+        return await self.pool.fetchval(COUNT_CLAIMABLE, cap)
+
+    async def heartbeat(self, job_id: UUID, lease_id: UUID, lease_seconds: float) -> datetime:
+        expires = await self.pool.fetchval(HEARTBEAT, job_id, lease_id, lease_seconds)
+        if expires is None:
+            await self._raise_fenced(self.pool, job_id, lease_id)
+        return expires
+
+    async def complete(self, job_id: UUID, lease_id: UUID, result: ChunkPlan | ChunkTranscript):
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await conn.fetchrow(COMPLETE, job_id, lease_id, result.model_dump(mode="json"))
+            if job is None:
+                return await self._repeated_completion(conn, job_id, lease_id)
+            if job["kind"] != result.kind:
+                raise ApiError(
+                    422, "wrong_result_kind", f"job {job_id} is a {job['kind']} job"
+                )
+            if isinstance(result, ChunkPlan):
+                await self._fan_out(conn, job["transcription_id"], result)
+            else:
+                await self._fan_in(conn, job, result)
+        return "succeeded"
+
+    async def fail(self, job_id: UUID, lease_id: UUID, error: str, permanent: bool):
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await conn.fetchrow(
+                FAIL,
+                job_id,
+                lease_id,
+                error,
+                permanent,
+                self.settings.retry_base_seconds,
+                self.settings.retry_max_seconds,
+            )
+            if job is None:
+                await self._raise_fenced(conn, job_id, lease_id)
+            if job["state"] == "dead":
+                await conn.execute(
+                    FAIL_TRANSCRIPTION, job["transcription_id"], failure_reason(job, error)
+                )
+        return job["state"], job["run_after"] if job["state"] == "queued" else None
+
+    async def release(self, job_id: UUID, lease_id: UUID) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(RELEASE, job_id, lease_id) is None:
+                await self._raise_fenced(conn, job_id, lease_id)
+            await notify_jobs(conn, 1)
+
+    async def rescue_exhausted(self) -> int:
+        """Jobs whose last lease expired are dead; their transcriptions fail."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(RESCUE_EXHAUSTED)
+            for job in rows:
+                await conn.execute(
+                    FAIL_TRANSCRIPTION, job["transcription_id"], failure_reason(job, job["error"])
+                )
+        return len(rows)
+
+    # --- keys ---------------------------------------------------------------
+
+    async def find_key(self, key_hash: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(FIND_KEY, key_hash)
+
+    async def create_key(
+        self, name: str, role: str, key_hash: str, prefix: str, expires_at: datetime | None
+    ) -> UUID:
+        return await self.pool.fetchval(INSERT_KEY, name, role, key_hash, prefix, expires_at)
+
+    # --- fan-out and fan-in -------------------------------------------------
+
+    async def _fan_out(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
+        chunks = plan.chunks
+        await conn.execute(
+            INSERT_TRANSCRIBE_JOBS,
+            transcription_id,
+            [c.index + 1 for c in chunks],
+            [c.start for c in chunks],
+            [c.end for c in chunks],
+            self.settings.max_attempts,
+        )
+        await conn.execute(PLANNED, transcription_id, plan.duration_seconds, len(chunks))
+        if chunks:
+            await notify_jobs(conn, len(chunks))
+        else:  # nothing to transcribe: an empty transcript, done now
+            await conn.execute(SUCCEED, transcription_id, transcripts.merge([], 0.0))
+
+    async def _fan_in(self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript):
+        if job["worker_id"] is not None:
+            await conn.execute(
+                WORKER_STATS, job["worker_id"], result.audio_seconds, result.processing_seconds
+            )
+        counts = await conn.fetchrow(COUNT_DONE, job["transcription_id"], result.audio_seconds)
+        if counts is None or counts["jobs_done"] < counts["jobs_total"]:
+            return
+        rows = await conn.fetch(CHUNK_RESULTS, job["transcription_id"])
+        chunks = [(r["start_seconds"], r["end_seconds"], r["result"]) for r in rows]
+        transcript = transcripts.merge(chunks, counts["duration_seconds"])
+        await conn.execute(SUCCEED, job["transcription_id"], transcript)
+
+    # --- fencing ------------------------------------------------------------
+
+    async def _repeated_completion(self, conn, job_id: UUID, lease_id: UUID) -> str:
+        row = await conn.fetchrow(JOB_STATE, job_id)
+        if row is not None and row["state"] == "succeeded" and row["lease_id"] == lease_id:
+            return "succeeded"  # the same completion again: idempotent
+        await self._raise_fenced(conn, job_id, lease_id)
+
+    @staticmethod
+    async def _raise_fenced(conn, job_id: UUID, lease_id: UUID):
+        row = await conn.fetchrow(JOB_STATE, job_id)
+        if row is None:
+            raise ApiError(404, "unknown_job", f"job {job_id} does not exist")
+        if row["state"] == "canceled":
+            raise ApiError(409, "job_canceled", f"job {job_id} was canceled; drop its work")
+        raise ApiError(
+            409,
+            "lease_lost",
+            f"lease {lease_id} is no longer current for job {job_id} "
+            f"(the job is {row['state']}); drop its work",
+        )
+
+
+async def notify_jobs(conn: asyncpg.Connection, count: int) -> None:
+    """A hint to long-polling claims; delivered at commit, lost if it rolls back."""
+    await conn.execute("SELECT pg_notify($1, $2)", JOBS_CHANNEL, str(count))
+
+
+def failure_reason(job: asyncpg.Record, error: str) -> str:
+    if job["kind"] == "chunk":
+        return error
+    return (
+        f"chunk {job['seq'] - 1} ({job['start_seconds']:.1f}-{job['end_seconds']:.1f} s) "
+        f"failed after {job['attempts']} attempt(s): {error}"
+    )
+
+
+def not_found(transcription_id: UUID) -> ApiError:
+    return ApiError(404, "not_found", f"no transcription {transcription_id}")
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """JSON columns travel as Python objects."""
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )

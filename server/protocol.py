@@ -1,0 +1,208 @@
+"""The wire contract between the board, its workers and its clients.
+
+Written once, used by both sides. This module imports only pydantic (and the
+standard library) so that a worker image never needs the server's dependencies.
+All times on the wire are seconds (floats) on the source's original timeline.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+# Workers send this in the X-Scribefarm-Protocol header. A different major
+# version, or an older minor one, is refused with HTTP 426.
+PROTOCOL_VERSION = "1.0"
+PROTOCOL_HEADER = "X-Scribefarm-Protocol"
+
+JobKind = Literal["chunk", "transcribe"]
+JobState = Literal["queued", "leased", "succeeded", "dead", "canceled"]
+TranscriptionState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+TranscriptFormat = Literal["txt", "srt", "vtt", "json"]
+
+
+class Strict(BaseModel):
+    """Unknown fields are an error, not silently dropped: a typo must not pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- submission --------------------------------------------------------------
+
+
+class TranscriptionOptions(Strict):
+    model: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Whisper model name; the server's default model when omitted.",
+    )
+    language: str | None = Field(
+        default=None,
+        pattern=r"^[a-z]{2,3}$",
+        description="ISO 639-1 code such as 'en'; detected when omitted.",
+    )
+    target_chunk_seconds: float | None = Field(
+        default=None,
+        ge=5,
+        le=600,
+        description="Preferred chunk length; chunks are cut in silences near it.",
+    )
+    word_timestamps: bool = False
+    priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
+    webhook_url: HttpUrl | None = None
+
+
+class Progress(BaseModel):
+    jobs_done: int
+    jobs_total: int
+    audio_seconds_done: float
+    audio_seconds_total: float | None
+    eta_seconds: float | None
+
+
+class Transcription(BaseModel):
+    id: UUID
+    state: TranscriptionState
+    filename: str | None
+    options: TranscriptionOptions
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None
+    progress: Progress
+    error: str | None
+
+
+class TranscriptionPage(BaseModel):
+    items: list[Transcription]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+# --- results -------------------------------------------------------------------
+
+
+class Word(BaseModel):
+    start: float
+    end: float
+    word: str
+    probability: float | None = None
+
+
+class Segment(BaseModel):
+    start: float
+    end: float
+    text: str
+    words: list[Word] | None = None
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+
+
+class ChunkSpan(BaseModel):
+    """One planned transcription job: [start, end) of the source, in seconds."""
+
+    index: int = Field(ge=0)
+    start: float = Field(ge=0)
+    end: float = Field(gt=0)
+
+
+class ChunkPlan(Strict):
+    """What a chunk job returns: the source's exact duration and its cut points."""
+
+    kind: Literal["chunk"] = "chunk"
+    duration_seconds: float = Field(ge=0)
+    chunks: list[ChunkSpan] = Field(max_length=100_000)
+
+
+class ChunkTranscript(Strict):
+    """What a transcribe job returns: segments with absolute times."""
+
+    kind: Literal["transcribe"] = "transcribe"
+    segments: list[Segment]
+    language: str | None = None
+    language_probability: float | None = None
+    audio_seconds: float = Field(ge=0)
+    processing_seconds: float = Field(ge=0)
+    cached: bool = False
+
+
+JobResult = Annotated[ChunkPlan | ChunkTranscript, Field(discriminator="kind")]
+
+
+# --- worker protocol -------------------------------------------------------------
+
+
+class WorkerCapabilities(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    engine: str = Field(default="faster-whisper", max_length=50)
+    models: list[str] = Field(default_factory=list, max_length=50)
+    device: str = Field(default="cpu", max_length=50)
+    batch_size: int = Field(default=1, ge=1, le=256)
+    kinds: list[JobKind] = Field(default_factory=lambda: ["chunk", "transcribe"], min_length=1)
+
+
+class Registration(BaseModel):
+    worker_id: UUID
+    lease_seconds: float
+    heartbeat_seconds: float
+
+
+class ClaimRequest(Strict):
+    worker_id: UUID
+    max_jobs: int = Field(default=1, ge=1, le=256)
+    wait_seconds: float = Field(
+        default=0, ge=0, le=60, description="Long poll: wait up to this long for work."
+    )
+
+
+class ClaimedJob(BaseModel):
+    id: UUID
+    kind: JobKind
+    lease_id: UUID
+    lease_expires_at: datetime
+    attempt: int
+    transcription_id: UUID
+    source_url: str = Field(description="Signed, time-limited URL of the source media.")
+    options: TranscriptionOptions
+    model: str
+    chunk: ChunkSpan | None = None
+
+
+class ClaimResponse(BaseModel):
+    jobs: list[ClaimedJob]
+
+
+class LeaseRequest(Strict):
+    lease_id: UUID
+
+
+class LeaseResponse(BaseModel):
+    lease_expires_at: datetime
+
+
+class CompleteRequest(Strict):
+    lease_id: UUID
+    result: JobResult
+
+
+class FailRequest(Strict):
+    lease_id: UUID
+    error: str = Field(min_length=1, max_length=4000)
+    permanent: bool = Field(
+        default=False, description="True for errors a retry cannot fix (not an audio file)."
+    )
+
+
+class JobOutcome(BaseModel):
+    state: JobState
+    run_after: datetime | None = None
+
+
+# --- errors --------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable, machine-readable error code.")
+    message: str = Field(description="What happened and what to do, for a person.")

@@ -1,0 +1,127 @@
+"""Streaming multipart uploads: the file goes to storage as it arrives, never whole in
+memory, and an upload over the limit is refused as soon as it crosses it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.errors import ApiError
+
+MAX_FIELD_BYTES = 8192
+MULTIPART_OVERHEAD = 1024 * 1024  # headers and small fields around the file
+
+
+@dataclass
+class Upload:
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None
+    file_parts: int = 0
+    size: int = 0
+
+
+class _Part:
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.header_field = b""
+        self.header_value = b""
+        self.name: str | None = None
+        self.is_file = False
+        self.value = bytearray()
+
+
+def upload_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "upload_too_large",
+        f"the upload is over the limit of {limit} bytes (SCRIBEFARM_MAX_UPLOAD_BYTES)",
+    )
+
+
+def boundary_of(request: Request) -> bytes:
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise ApiError(
+            415,
+            "multipart_required",
+            "send the audio as multipart/form-data with a 'file' field "
+            "(curl -F file=@audio.mp3 ...)",
+        )
+    return params[b"boundary"]
+
+
+def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
+    """Parses the request body; yields the bytes of the `file_field` part as they arrive
+    and collects the other (small) fields into `upload.fields`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise upload_too_large(limit)
+    pending: list[bytes] = []
+    part = _Part()
+
+    def on_part_begin() -> None:
+        nonlocal part
+        part = _Part()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part.header_field += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part.header_value += data[start:end]
+
+    def on_header_end() -> None:
+        part.headers[part.header_field.lower()] = part.header_value
+        part.header_field, part.header_value = b"", b""
+
+    def on_headers_finished() -> None:
+        _, params = parse_options_header(part.headers.get(b"content-disposition", b""))
+        part.name = params.get(b"name", b"").decode(errors="replace")
+        part.is_file = part.name == file_field
+        if part.is_file:
+            upload.file_parts += 1
+            upload.filename = params.get(b"filename", b"").decode(errors="replace") or None
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part.is_file:
+            pending.append(bytes(data[start:end]))
+            upload.size += end - start
+            return
+        part.value += data[start:end]
+        if len(part.value) > MAX_FIELD_BYTES:
+            raise ApiError(413, "field_too_large", f"form field {part.name!r} is too long")
+
+    def on_part_end() -> None:
+        if not part.is_file and part.name:
+            upload.fields[part.name] = part.value.decode(errors="replace")
+
+    parser = MultipartParser(
+        boundary_of(request),
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for body in request.stream():
+            try:
+                parser.write(body)
+            except MultipartParseError as exc:
+                raise ApiError(422, "bad_multipart", f"the multipart body is malformed: {exc}")
+            if upload.size > limit:
+                raise upload_too_large(limit)
+            for chunk in pending:
+                yield chunk
+            pending.clear()
+        parser.finalize()
+
+    return chunks()
