@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
+from server.board import init_connection
 from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
@@ -54,6 +55,7 @@ def sql(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
 
     async def run() -> list[dict[str, Any]]:
         conn = await asyncpg.connect(url)
+        await init_connection(conn)
         try:
             return [dict(r) for r in await conn.fetch(query, *args)]
         finally:
@@ -147,3 +149,55 @@ class Server:
 def submit(client: httpx.Client, content: bytes, filename: str = "a.wav", **options: Any):
     data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
     return client.post("/v1/transcriptions", files={"file": (filename, content)}, data=data)
+
+
+class ProtocolWorker:
+    """Speaks the worker protocol over HTTP with no engine: the tests decide results."""
+
+    def __init__(self, server: Server, key: str, name: str = "test-worker", **caps: Any):
+        self.http = server.client(key)
+        caps = {"name": name, "models": ["tiny.en"], **caps}
+        response = self.http.post("/v1/workers", json=caps)
+        assert response.status_code == 201, response.text
+        self.id = response.json()["worker_id"]
+
+    def claim(self, max_jobs: int = 1, wait: float = 0) -> list[dict[str, Any]]:
+        body = {"worker_id": self.id, "max_jobs": max_jobs, "wait_seconds": wait}
+        response = self.http.post("/v1/jobs/claim", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["jobs"]
+
+    def heartbeat(self, job: dict[str, Any]) -> httpx.Response:
+        return self.http.post(f"/v1/jobs/{job['id']}/heartbeat", json={"lease_id": job["lease_id"]})
+
+    def complete(self, job: dict[str, Any], result: dict[str, Any]) -> httpx.Response:
+        body = {"lease_id": job["lease_id"], "result": result}
+        return self.http.post(f"/v1/jobs/{job['id']}/complete", json=body)
+
+    def fail(self, job: dict[str, Any], error: str, permanent: bool = False) -> httpx.Response:
+        body = {"lease_id": job["lease_id"], "error": error, "permanent": permanent}
+        return self.http.post(f"/v1/jobs/{job['id']}/fail", json=body)
+
+    def release(self, job: dict[str, Any]) -> httpx.Response:
+        return self.http.post(f"/v1/jobs/{job['id']}/release", json={"lease_id": job["lease_id"]})
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def chunk_plan(count: int, seconds: float = 10.0) -> dict[str, Any]:
+    chunks = [{"index": i, "start": i * seconds, "end": (i + 1) * seconds} for i in range(count)]
+    return {"kind": "chunk", "duration_seconds": count * seconds, "chunks": chunks}
+
+
+def chunk_transcript(job: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    """A transcribe job's result: one segment spanning most of the chunk."""
+    start, end = job["chunk"]["start"], job["chunk"]["end"]
+    segment = {"start": start + 0.5, "end": end - 0.5, "text": text or f"chunk {job['chunk']['index']}"}
+    return {
+        "kind": "transcribe",
+        "segments": [segment],
+        "language": "en",
+        "audio_seconds": end - start,
+        "processing_seconds": 0.01,
+    }

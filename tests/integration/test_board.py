@@ -1,0 +1,315 @@
+"""The job board through a real server process and real PostgreSQL: claims, leases,
+fencing, retries, fan-out and fan-in, cancel and retry.
+
+Each test names the job-state transitions (docs/state_machine.md) it covers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit
+
+LEASE = 1.0
+
+
+@pytest.fixture(scope="module")
+def server(make_server):
+    return make_server(
+        lease_seconds=LEASE, retry_base_seconds=0.3, retry_max_seconds=2, max_attempts=3,
+        poll_seconds=0.2,
+    )
+
+
+@pytest.fixture(autouse=True)
+def clean_board(server):
+    server.sql("TRUNCATE transcriptions, jobs, workers CASCADE")
+
+
+@pytest.fixture
+def submitter(server, keys):
+    with server.client(keys["submit"]) as client:
+        yield client
+
+
+@pytest.fixture
+def worker(server, keys):
+    w = ProtocolWorker(server, keys["worker"])
+    yield w
+    w.close()
+
+
+def submit_planned(submitter, worker, chunks: int) -> str:
+    """A transcription whose chunk job has completed with `chunks` chunks."""
+    tid = submit(submitter, b"audio bytes").json()["id"]
+    [job] = worker.claim()
+    assert job["kind"] == "chunk" and job["transcription_id"] == tid
+    assert worker.complete(job, chunk_plan(chunks)).status_code == 200
+    return tid
+
+
+def job_rows(server, tid):
+    return server.sql("SELECT * FROM jobs WHERE transcription_id = $1 ORDER BY seq", tid)
+
+
+def test_claim_returns_jobs_in_priority_order_then_age(server, submitter, worker):
+    low = submit(submitter, b"x", priority=-5).json()["id"]
+    first = submit(submitter, b"x").json()["id"]
+    high = submit(submitter, b"x", priority=10).json()["id"]
+    second = submit(submitter, b"x").json()["id"]
+    order = [j["transcription_id"] for j in worker.claim(max_jobs=10)]
+    assert order == [high, first, second, low]
+
+
+def test_claim_only_offers_jobs_for_models_the_worker_has(server, keys, submitter, worker):
+    tid = submit(submitter, b"x", model="large-v3").json()["id"]
+    [chunk] = worker.claim()  # chunk jobs need no model: any worker cuts audio
+    worker.complete(chunk, chunk_plan(2))
+    assert worker.claim(max_jobs=5) == []
+    big = ProtocolWorker(server, keys["worker"], models=["large-v3"])
+    jobs = big.claim(max_jobs=5)
+    assert [j["model"] for j in jobs] == ["large-v3", "large-v3"]
+    assert {j["transcription_id"] for j in jobs} == {tid}
+
+
+def test_claim_for_unknown_worker_is_404(server, worker):
+    response = worker.http.post(
+        "/v1/jobs/claim", json={"worker_id": "00000000-0000-0000-0000-000000000000"}
+    )
+    assert response.status_code == 404
+    assert response.json()["code"] == "unknown_worker"
+
+
+# leased -> leased (heartbeat extends the lease, from the database clock)
+def test_heartbeat_extends_the_lease(server, submitter, worker):
+    submit(submitter, b"x")
+    [job] = worker.claim()
+    for _ in range(3):
+        time.sleep(LEASE / 2)
+        response = worker.heartbeat(job)
+        assert response.status_code == 200, response.text
+    # Kept alive past several lease lengths: nobody else can take it.
+    assert worker.claim() == []
+    assert worker.complete(job, chunk_plan(1)).status_code == 200
+
+
+# leased -> leased (expired lease taken over by another worker); fencing
+def test_expired_lease_is_taken_over_and_the_old_lease_is_fenced(server, keys, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    [job] = worker.claim()
+    thief = ProtocolWorker(server, keys["worker"], name="thief")
+    assert thief.claim() == []  # not expired yet
+    time.sleep(LEASE + 0.3)
+    [taken] = thief.claim()
+    assert taken["id"] == job["id"] and taken["lease_id"] != job["lease_id"]
+    assert taken["attempt"] == 2
+    before = job_rows(server, tid)
+
+    for late in (
+        worker.heartbeat(job),
+        worker.complete(job, chunk_plan(3)),
+        worker.fail(job, "boom"),
+        worker.release(job),
+    ):
+        assert late.status_code == 409, late.text
+        assert late.json()["code"] == "lease_lost"
+    assert job_rows(server, tid) == before
+
+    assert thief.complete(taken, chunk_plan(1)).status_code == 200
+    assert len(job_rows(server, tid)) == 2
+
+
+# leased -> succeeded, repeated: idempotent
+def test_repeated_complete_with_the_same_lease_is_idempotent(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    [job] = worker.claim()
+    first = worker.complete(job, chunk_plan(2))
+    again = worker.complete(job, chunk_plan(2))
+    assert first.status_code == again.status_code == 200
+    assert again.json()["state"] == "succeeded"
+    assert len(job_rows(server, tid)) == 3  # the plan fanned out once
+
+
+def test_complete_with_the_wrong_kind_of_result_changes_nothing(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    [job] = worker.claim()
+    response = worker.complete(job, {**chunk_transcript({"chunk": {"start": 0, "end": 1, "index": 0}})})
+    assert response.status_code == 422
+    assert job_rows(server, tid)[0]["state"] == "leased"
+
+
+# leased -> queued (fail, backoff), then leased -> dead (attempts exhausted)
+def test_failures_retry_with_backoff_then_the_job_is_dead(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    delays = []
+    for attempt in (1, 2):
+        [job] = worker.claim(wait=5)
+        assert job["attempt"] == attempt
+        outcome = worker.fail(job, f"transient {attempt}")
+        assert outcome.json()["state"] == "queued"
+        row = job_rows(server, tid)[0]
+        delays.append((row["run_after"] - row["finished_at"]).total_seconds())
+        assert worker.claim() == []  # backing off
+    # base 0.3 s doubling, with jitter in [0.5, 1.5)
+    assert 0.15 <= delays[0] < 0.45 and 0.3 <= delays[1] < 0.9
+    [job] = worker.claim(wait=5)
+    assert job["attempt"] == 3
+    assert worker.fail(job, "transient 3").json()["state"] == "dead"
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "failed"
+    assert view["error"] == "transient 3"
+
+
+# leased -> dead (permanent error: no retry)
+def test_permanent_errors_are_not_retried(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    [job] = worker.claim()
+    outcome = worker.fail(job, "not an audio file: PNG image", permanent=True)
+    assert outcome.json()["state"] == "dead"
+    assert job_rows(server, tid)[0]["attempts"] == 1
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "failed" and "PNG image" in view["error"]
+
+
+def test_a_dead_transcribe_job_fails_the_transcription_and_cancels_the_rest(
+    server, submitter, worker
+):
+    tid = submit_planned(submitter, worker, 3)
+    jobs = worker.claim(max_jobs=3)
+    worker.fail(jobs[1], "model crashed", permanent=True)
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "failed"
+    assert view["error"].startswith("chunk 1 (10.0-20.0 s) failed after 1 attempt(s)")
+    assert [r["state"] for r in job_rows(server, tid)] == ["succeeded", "canceled", "dead", "canceled"]
+    late = worker.heartbeat(jobs[0])
+    assert late.status_code == 409 and late.json()["code"] == "job_canceled"
+
+
+# leased -> dead (the rescuer: the last attempt's lease expired)
+def test_a_job_whose_last_lease_expires_is_dead(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    for _ in range(3):
+        [job] = worker.claim(wait=5)  # and the worker dies holding it
+    deadline = time.monotonic() + 10
+    while submitter.get(f"/v1/transcriptions/{tid}").json()["state"] != "failed":
+        assert time.monotonic() < deadline, "the rescuer did not fail the transcription"
+        time.sleep(0.2)
+    assert job_rows(server, tid)[0]["state"] == "dead"
+    assert "lease expired" in submitter.get(f"/v1/transcriptions/{tid}").json()["error"]
+
+
+# leased -> queued (release: a worker shutting down gives the job back)
+def test_release_requeues_at_once_without_using_an_attempt(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    [job] = worker.claim()
+    assert worker.release(job).status_code == 200
+    [again] = worker.claim()
+    assert again["id"] == job["id"] and again["attempt"] == 1
+    assert job_rows(server, tid)[0]["attempts"] == 1
+
+
+# fan-out and fan-in
+def test_fan_out_then_fan_in_merges_the_transcript(server, submitter, worker):
+    tid = submit_planned(submitter, worker, 4)
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "running" and view["duration_seconds"] == 40.0
+    assert view["progress"]["jobs_total"] == 4
+    jobs = worker.claim(max_jobs=10)
+    assert [j["chunk"]["index"] for j in jobs] == [0, 1, 2, 3]
+    for job in reversed(jobs):  # completion order does not matter
+        assert worker.complete(job, chunk_transcript(job)).status_code == 200
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "succeeded"
+    assert view["progress"]["audio_seconds_done"] == 40.0
+    transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript").json()
+    assert [s["text"] for s in transcript["segments"]] == [f"chunk {i}" for i in range(4)]
+    assert transcript["text"] == "chunk 0 chunk 1 chunk 2 chunk 3"
+
+
+def test_an_empty_plan_succeeds_at_once_with_an_empty_transcript(server, submitter, worker):
+    tid = submit(submitter, b"x").json()["id"]
+    [job] = worker.claim()
+    worker.complete(job, {"kind": "chunk", "duration_seconds": 0.0, "chunks": []})
+    assert submitter.get(f"/v1/transcriptions/{tid}").json()["state"] == "succeeded"
+    assert submitter.get(f"/v1/transcriptions/{tid}/transcript?format=txt").text == ""
+
+
+def test_fan_in_happens_exactly_once_when_the_last_jobs_complete_together(
+    server, keys, submitter, worker
+):
+    workers = [ProtocolWorker(server, keys["worker"], name=f"racer-{i}") for i in range(6)]
+    for _ in range(15):
+        tid = submit_planned(submitter, worker, 6)
+        held = [(w, w.claim()[0]) for w in workers]
+        barrier = threading.Barrier(len(held))
+
+        def finish(pair):
+            w, job = pair
+            barrier.wait()
+            return w.complete(job, chunk_transcript(job)).status_code
+
+        with ThreadPoolExecutor(len(held)) as pool:
+            assert list(pool.map(finish, held)) == [200] * 6
+        row = server.sql("SELECT * FROM transcriptions WHERE id = $1", tid)[0]
+        assert row["state"] == "succeeded"
+        assert row["jobs_done"] == row["jobs_total"] == 6
+        assert len(row["transcript"]["segments"]) == 6
+    for w in workers:
+        w.close()
+
+
+# queued/leased -> canceled
+def test_cancel_stops_queued_work_and_leased_workers_learn_at_heartbeat(
+    server, submitter, worker
+):
+    tid = submit_planned(submitter, worker, 3)
+    [held] = worker.claim()
+    response = submitter.post(f"/v1/transcriptions/{tid}/cancel")
+    assert response.status_code == 200 and response.json()["state"] == "canceled"
+    assert {r["state"] for r in job_rows(server, tid)[1:]} == {"canceled"}
+    assert worker.claim(max_jobs=5) == []
+    for late in (worker.heartbeat(held), worker.complete(held, chunk_transcript(held))):
+        assert late.status_code == 409 and late.json()["code"] == "job_canceled"
+    again = submitter.post(f"/v1/transcriptions/{tid}/cancel")
+    assert again.status_code == 409 and again.json()["code"] == "already_finished"
+
+
+# dead/canceled -> queued (retry); finished chunks keep their results
+def test_retry_requeues_only_what_did_not_finish(server, submitter, worker):
+    tid = submit_planned(submitter, worker, 3)
+    jobs = worker.claim(max_jobs=3)
+    worker.complete(jobs[0], chunk_transcript(jobs[0]))
+    worker.fail(jobs[1], "disk full", permanent=True)
+    assert submitter.get(f"/v1/transcriptions/{tid}").json()["state"] == "failed"
+
+    response = submitter.post(f"/v1/transcriptions/{tid}/retry")
+    assert response.status_code == 200 and response.json()["state"] == "running"
+    again = worker.claim(max_jobs=5)
+    assert sorted(j["chunk"]["index"] for j in again) == [1, 2]
+    for job in again:
+        worker.complete(job, chunk_transcript(job))
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "succeeded" and view["error"] is None
+    assert view["progress"]["jobs_done"] == 3
+
+    not_failed = submitter.post(f"/v1/transcriptions/{tid}/retry")
+    assert not_failed.status_code == 409 and not_failed.json()["code"] == "not_retryable"
+
+
+def test_long_poll_wakes_when_work_arrives(server, submitter, worker):
+    started = time.monotonic()
+    timer = threading.Timer(1.0, lambda: submit(submitter, b"x"))
+    timer.start()
+    jobs = worker.claim(wait=20)
+    waited = time.monotonic() - started
+    assert len(jobs) == 1
+    assert 0.9 <= waited < 5
+
+
+def test_long_poll_returns_empty_after_its_wait(server, worker):
+    started = time.monotonic()
+    assert worker.claim(wait=1.0) == []
+    assert 1.0 <= time.monotonic() - started < 3
