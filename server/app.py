@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
@@ -53,9 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = LocalStorage(settings.storage_dir, settings.signing_secret)
     app.state.keys = KeyCache()
     errors.install(app)
-    for module in (transcriptions, workers, media, health):
-        app.include_router(module.router)
-    app.openapi = lambda: openapi_with_roles(app)
+    routers = [module.router for module in (transcriptions, workers, media, health)]
+    for router in routers:
+        app.include_router(router)
+    app.openapi = lambda: openapi_with_roles(app, routers)
     return app
 
 
@@ -70,12 +71,12 @@ def route_roles(route: APIRoute) -> list[str] | None:
     return None
 
 
-def openapi_with_roles(app: FastAPI) -> dict:
+def openapi_with_roles(app: FastAPI, routers: list[APIRouter]) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for route in app.routes:
-            roles = isinstance(route, APIRoute) and route_roles(route)
-            if roles:
+        routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+        for route in routes:
+            if roles := route_roles(route):
                 for method in route.methods:
                     schema["paths"][route.path_format][method.lower()]["x-scribefarm-roles"] = roles
         app.openapi_schema = schema

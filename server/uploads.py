@@ -116,7 +116,8 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
             try:
                 parser.write(body)
             except MultipartParseError as exc:
-                raise ApiError(422, "bad_multipart", f"the multipart body is malformed: {exc}")
+                message = f"the multipart body is malformed: {exc}"
+                raise ApiError(422, "bad_multipart", message) from exc
             if upload.size > limit:
                 raise upload_too_large(limit)
             for chunk in pending:

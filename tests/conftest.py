@@ -32,7 +32,9 @@ def make_server(
 
     def start(**settings: object) -> Server:
         data_dir: Path = tmp_path_factory.mktemp("farm")
-        server = Server(create_database(postgres_url), data_dir, {k: str(v) for k, v in settings.items()})
+        server = Server(
+            create_database(postgres_url), data_dir, {k: str(v) for k, v in settings.items()}
+        )
         servers.append(server)
         return server.start()
 

@@ -140,7 +140,7 @@ class Server:
         headers = dict(WORKER_HEADERS)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.url, headers=headers, **{"timeout": 60, **kwargs})
 
     def sql(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return sql(self.database_url, query, *args)
@@ -193,7 +193,11 @@ def chunk_plan(count: int, seconds: float = 10.0) -> dict[str, Any]:
 def chunk_transcript(job: dict[str, Any], text: str | None = None) -> dict[str, Any]:
     """A transcribe job's result: one segment spanning most of the chunk."""
     start, end = job["chunk"]["start"], job["chunk"]["end"]
-    segment = {"start": start + 0.5, "end": end - 0.5, "text": text or f"chunk {job['chunk']['index']}"}
+    segment = {
+        "start": start + 0.5,
+        "end": end - 0.5,
+        "text": text or f"chunk {job['chunk']['index']}",
+    }
     return {
         "kind": "transcribe",
         "segments": [segment],

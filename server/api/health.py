@@ -20,5 +20,6 @@ async def readyz(request: Request) -> dict[str, str]:
     try:
         await request.app.state.board.ping()
     except Exception as exc:
-        raise ApiError(503, "database_unavailable", f"the board's database is unreachable: {exc}")
+        message = f"the board's database is unreachable: {exc}"
+        raise ApiError(503, "database_unavailable", message) from exc
     return {"status": "ready"}

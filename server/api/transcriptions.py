@@ -17,11 +17,11 @@ from server.auth import Caller, allow
 from server.errors import ApiError, describe_validation
 from server.protocol import (
     Progress,
+    TranscriptFormat,
     Transcription,
     TranscriptionOptions,
     TranscriptionPage,
     TranscriptionState,
-    TranscriptFormat,
 )
 from server.uploads import Upload, file_stream
 

@@ -19,7 +19,10 @@ LEASE = 1.0
 @pytest.fixture(scope="module")
 def server(make_server):
     return make_server(
-        lease_seconds=LEASE, retry_base_seconds=0.3, retry_max_seconds=2, max_attempts=3,
+        lease_seconds=LEASE,
+        retry_base_seconds=0.3,
+        retry_max_seconds=2,
+        max_attempts=3,
         poll_seconds=0.2,
     )
 
@@ -136,7 +139,9 @@ def test_repeated_complete_with_the_same_lease_is_idempotent(server, submitter, 
 def test_complete_with_the_wrong_kind_of_result_changes_nothing(server, submitter, worker):
     tid = submit(submitter, b"x").json()["id"]
     [job] = worker.claim()
-    response = worker.complete(job, {**chunk_transcript({"chunk": {"start": 0, "end": 1, "index": 0}})})
+    response = worker.complete(
+        job, {**chunk_transcript({"chunk": {"start": 0, "end": 1, "index": 0}})}
+    )
     assert response.status_code == 422
     assert job_rows(server, tid)[0]["state"] == "leased"
 
@@ -183,7 +188,12 @@ def test_a_dead_transcribe_job_fails_the_transcription_and_cancels_the_rest(
     view = submitter.get(f"/v1/transcriptions/{tid}").json()
     assert view["state"] == "failed"
     assert view["error"].startswith("chunk 1 (10.0-20.0 s) failed after 1 attempt(s)")
-    assert [r["state"] for r in job_rows(server, tid)] == ["succeeded", "canceled", "dead", "canceled"]
+    assert [r["state"] for r in job_rows(server, tid)] == [
+        "succeeded",
+        "canceled",
+        "dead",
+        "canceled",
+    ]
     late = worker.heartbeat(jobs[0])
     assert late.status_code == 409 and late.json()["code"] == "job_canceled"
 
@@ -246,7 +256,7 @@ def test_fan_in_happens_exactly_once_when_the_last_jobs_complete_together(
         held = [(w, w.claim()[0]) for w in workers]
         barrier = threading.Barrier(len(held))
 
-        def finish(pair):
+        def finish(pair, barrier=barrier):
             w, job = pair
             barrier.wait()
             return w.complete(job, chunk_transcript(job)).status_code
@@ -262,9 +272,7 @@ def test_fan_in_happens_exactly_once_when_the_last_jobs_complete_together(
 
 
 # queued/leased -> canceled
-def test_cancel_stops_queued_work_and_leased_workers_learn_at_heartbeat(
-    server, submitter, worker
-):
+def test_cancel_stops_queued_work_and_leased_workers_learn_at_heartbeat(server, submitter, worker):
     tid = submit_planned(submitter, worker, 3)
     [held] = worker.claim()
     response = submitter.post(f"/v1/transcriptions/{tid}/cancel")

@@ -35,5 +35,3 @@ def test_fifty_concurrent_claimers_claim_each_of_500_jobs_exactly_once(server, k
     rows = server.sql("SELECT * FROM jobs WHERE transcription_id = $1 AND seq > 0", tid)
     assert {str(r["id"]) for r in rows} == set(claimed)
     assert all(r["state"] == "leased" and r["attempts"] == 1 for r in rows)
-
-
