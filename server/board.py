@@ -21,8 +21,8 @@ from server.settings import Settings
 
 JOBS_CHANNEL = "scribefarm_jobs"
 
-# Claims up to $3 jobs the worker can run and takes over expired leases in the same
-# statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
+# Claims up to $3 jobs (and up to $5 seconds of audio) the worker can run, and takes
+# over expired leases in the same statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
 # queued/leased rows only; SKIP LOCKED lets concurrent claimers pass each other.
 # Returns no row at all when the worker is unknown, one all-NULL row when there is
 # no work.
@@ -32,7 +32,9 @@ WITH worker AS (
     WHERE id = $1 AND api_key_id = $2
     RETURNING models, kinds
 ), candidates AS (
-    SELECT j.id FROM jobs j, worker w
+    SELECT j.id, j.priority, j.submitted_at, j.seq,
+           coalesce(j.end_seconds - j.start_seconds, 0) AS seconds
+    FROM jobs j, worker w
     WHERE j.state IN ('queued', 'leased')
       AND ((j.state = 'queued' AND j.run_after <= now())
            OR (j.state = 'leased' AND j.lease_expires_at <= now()
@@ -42,12 +44,20 @@ WITH worker AS (
     ORDER BY j.priority DESC, j.submitted_at, j.seq
     LIMIT $3
     FOR UPDATE OF j SKIP LOCKED
+), chosen AS (
+    -- The audio budget: rows locked above but not chosen are unlocked at commit.
+    SELECT id FROM (
+        SELECT id, row_number() OVER queue AS n, sum(seconds) OVER queue AS running
+        FROM candidates
+        WINDOW queue AS (ORDER BY priority DESC, submitted_at, seq)
+    ) AS queue
+    WHERE n = 1 OR $5::float8 IS NULL OR running <= $5
 ), claimed AS (
     UPDATE jobs j
     SET state = 'leased', lease_id = gen_random_uuid(), worker_id = $1,
         lease_expires_at = now() + make_interval(secs => $4), leased_at = now(),
         attempts = j.attempts + 1
-    FROM candidates c WHERE j.id = c.id
+    FROM chosen c WHERE j.id = c.id
     RETURNING j.id, j.kind, j.lease_id, j.lease_expires_at, j.attempts, j.transcription_id,
               j.seq, j.model, j.start_seconds, j.end_seconds
 ), started AS (
@@ -369,9 +379,16 @@ class Board:
         )
 
     async def claim(
-        self, worker_id: UUID, key_id: UUID, max_jobs: int, lease_seconds: float
+        self,
+        worker_id: UUID,
+        key_id: UUID,
+        max_jobs: int,
+        max_audio_seconds: float | None,
+        lease_seconds: float,
     ) -> list[asyncpg.Record]:
-        rows = await self.pool.fetch(CLAIM, worker_id, key_id, max_jobs, lease_seconds)
+        rows = await self.pool.fetch(
+            CLAIM, worker_id, key_id, max_jobs, lease_seconds, max_audio_seconds
+        )
         if not rows:
             raise ApiError(
                 404,

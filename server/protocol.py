@@ -155,6 +155,13 @@ class ClaimRequest(Strict):
     wait_seconds: float = Field(
         default=0, ge=0, le=60, description="Long poll: wait up to this long for work."
     )
+    max_audio_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop adding transcribe jobs once their audio adds up to this (the first "
+        "job is always given): a worker takes what it can finish soon, and leaves the rest "
+        "to idle workers.",
+    )
 
 
 class ClaimedJob(BaseModel):

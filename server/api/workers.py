@@ -74,7 +74,11 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
     deadline = loop.time() + body.wait_seconds
     while True:
         rows = await state.board.claim(
-            body.worker_id, caller.key_id, body.max_jobs, state.settings.lease_seconds
+            body.worker_id,
+            caller.key_id,
+            body.max_jobs,
+            body.max_audio_seconds,
+            state.settings.lease_seconds,
         )
         remaining = deadline - loop.time()
         if rows or remaining <= 0:

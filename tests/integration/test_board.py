@@ -78,6 +78,17 @@ def test_claim_only_offers_jobs_for_models_the_worker_has(server, keys, submitte
     assert {j["transcription_id"] for j in jobs} == {tid}
 
 
+def test_claim_takes_jobs_up_to_an_audio_budget_and_always_one(server, submitter, worker):
+    submit_planned(submitter, worker, 6)  # 10 s chunks
+    body = {"worker_id": worker.id, "max_jobs": 6, "max_audio_seconds": 25}
+    first = worker.http.post("/v1/jobs/claim", json=body).json()["jobs"]
+    assert [j["chunk"]["index"] for j in first] == [0, 1]
+    body["max_audio_seconds"] = 5
+    second = worker.http.post("/v1/jobs/claim", json=body).json()["jobs"]
+    assert [j["chunk"]["index"] for j in second] == [2]
+    assert len(worker.claim(max_jobs=6)) == 3  # the budget left the rest unlocked
+
+
 def test_claim_for_unknown_worker_is_404(server, worker):
     response = worker.http.post(
         "/v1/jobs/claim", json={"worker_id": "00000000-0000-0000-0000-000000000000"}

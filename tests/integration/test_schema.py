@@ -73,7 +73,8 @@ def test_claim_query_walks_the_claimable_index(postgres_url):
         + board.CLAIM.replace("$1", f"'{worker}'::uuid")
         .replace("$2", f"'{key}'::uuid")
         .replace("$3", "10")
-        .replace("$4", "30"),
+        .replace("$4", "30")
+        .replace("$5", "NULL"),
     )
     text = "\n".join(row["QUERY PLAN"] for row in plan)
     assert "ix_jobs_claimable" in text, text
