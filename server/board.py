@@ -22,8 +22,9 @@ from server.settings import Settings
 JOBS_CHANNEL = "scribefarm_jobs"
 
 # Claims up to $3 jobs (and up to $5 seconds of audio) the worker can run, and takes
-# over expired leases in the same statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
-# queued/leased rows only; SKIP LOCKED lets concurrent claimers pass each other.
+# over expired leases in the same statement. Walks ix_jobs_claimable (priority DESC,
+# submitted_at, seq) over the queued/leased rows only; SKIP LOCKED lets concurrent
+# claimers pass each other.
 # Returns no row at all when the worker is unknown, one all-NULL row when there is
 # no work.
 CLAIM = """

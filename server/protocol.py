@@ -174,7 +174,9 @@ class ClaimedJob(BaseModel):
     source_url: str = Field(description="Signed, time-limited URL of the source media.")
     options: TranscriptionOptions
     model: str
-    chunk: ChunkSpan | None = None
+    chunk: ChunkSpan | None = Field(default=None, description="A transcribe job's range.")
+    chunk_target_seconds: float = Field(description="A chunk job plans chunks near this long.")
+    chunk_max_seconds: float = Field(description="...and never longer than this.")
 
 
 class ClaimResponse(BaseModel):

@@ -65,7 +65,7 @@ async def submit(request: Request, caller: Submitter) -> Transcription:
     limit = state.settings.max_upload_bytes
     size = await state.storage.write(key, file_stream(request, upload, "file", limit))
     try:
-        options = validate_upload(upload, size)
+        options = validate_upload(upload, size, state.settings.max_chunk_seconds)
         await state.board.submit(
             owner=caller.key_id,
             transcription_id=transcription_id,
@@ -81,15 +81,23 @@ async def submit(request: Request, caller: Submitter) -> Transcription:
     return transcription_view(await state.board.get(transcription_id, None))
 
 
-def validate_upload(upload: Upload, size: int) -> TranscriptionOptions:
+def validate_upload(upload: Upload, size: int, max_chunk_seconds: float) -> TranscriptionOptions:
     if upload.file_parts != 1:
         raise ApiError(422, "file_required", "send exactly one multipart field named 'file'")
     if size == 0:
         raise ApiError(422, "empty_file", "the uploaded file is empty")
     try:
-        return TranscriptionOptions.model_validate(upload.fields)
+        options = TranscriptionOptions.model_validate(upload.fields)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
+    if (options.target_chunk_seconds or 0) > max_chunk_seconds:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"target_chunk_seconds: at most {max_chunk_seconds:g} on this board "
+            "(SCRIBEFARM_MAX_CHUNK_SECONDS)",
+        )
+    return options
 
 
 @router.get("", response_model=TranscriptionPage, summary="List transcriptions, newest first")

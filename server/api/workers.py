@@ -107,6 +107,8 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
         options=options,
         model=row["model"] or options.model or state.settings.default_model,
         chunk=chunk,
+        chunk_target_seconds=options.target_chunk_seconds or state.settings.default_chunk_seconds,
+        chunk_max_seconds=state.settings.max_chunk_seconds,
     )
 
 

@@ -1,0 +1,255 @@
+"""The pull loop: register, then claim → process → complete, heartbeating meanwhile.
+
+A worker is stateless: everything it holds is a lease, and a lease it cannot finish
+(it died, or lost the network) expires and another worker takes the job over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from server.protocol import ChunkTranscript, ClaimedJob, WorkerCapabilities
+from worker.audio import MediaError, read_range
+from worker.chunking import plan_source
+from worker.client import BoardClient, LeaseLost
+from worker.engines import Engine, EngineInput, load_engine
+
+log = logging.getLogger("scribefarm.worker")
+
+
+@dataclass
+class WorkerConfig:
+    server: str
+    key: str
+    engine: str = "faster-whisper"
+    model: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    batch_size: int = 8
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    claim_audio_seconds: float = 120.0
+    claim_wait_seconds: float = 20.0
+    exit_when_idle: float | None = None
+    max_jobs: int | None = None
+    grace_seconds: float = 30.0
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine | None = None):
+        self.config = config
+        self.engine = engine
+        self.client = BoardClient(config.server, config.key)
+        self.held: dict[str, ClaimedJob] = {}
+        self.lost: set[str] = set()
+        self.jobs_done = 0
+        self.stopping = False
+        self._claim: asyncio.Task | None = None
+
+    async def run(self) -> int:
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(
+                load_engine,
+                self.config.engine,
+                self.config.model,
+                device=self.config.device,
+                cpu_threads=self.config.threads,
+                batch_size=self.config.batch_size,
+            )
+        registration = await self.client.register(self.capabilities())
+        log.info("registered as %s (%s)", registration.worker_id, self.config.name)
+        self._install_signal_handlers()
+        heartbeats = asyncio.create_task(self._heartbeat_loop(registration.heartbeat_seconds))
+        try:
+            await self._pull_loop()
+        finally:
+            heartbeats.cancel()
+            await self.client.close()
+        log.info("stopped after %d job(s)", self.jobs_done)
+        return 0
+
+    def capabilities(self) -> WorkerCapabilities:
+        assert self.engine is not None
+        return WorkerCapabilities(
+            name=self.config.name,
+            engine=self.engine.name,
+            models=list(self.engine.models),
+            device=self.engine.device,
+            batch_size=self.config.batch_size,
+        )
+
+    # --- the loop -------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        last_busy = time.monotonic()
+        while not self.stopping and not self._reached_max_jobs():
+            wait = self.config.claim_wait_seconds
+            if self.config.exit_when_idle is not None:
+                idle_left = self.config.exit_when_idle - (time.monotonic() - last_busy)
+                if idle_left <= 0:
+                    log.info("idle for %.0f s: exiting", self.config.exit_when_idle)
+                    return
+                wait = min(wait, idle_left)
+            jobs = await self._claim_jobs(wait)
+            if jobs:
+                await self.process(jobs)
+                last_busy = time.monotonic()
+
+    def _reached_max_jobs(self) -> bool:
+        return self.config.max_jobs is not None and self.jobs_done >= self.config.max_jobs
+
+    async def _claim_jobs(self, wait: float) -> list[ClaimedJob]:
+        capacity = self.config.batch_size
+        if self.config.max_jobs is not None:
+            capacity = min(capacity, self.config.max_jobs - self.jobs_done)
+        self._claim = asyncio.create_task(
+            self.client.claim(capacity, wait, self.config.claim_audio_seconds)
+        )
+        try:
+            jobs = await self._claim
+        except asyncio.CancelledError:
+            if self.stopping:
+                return []
+            raise
+        finally:
+            self._claim = None
+        self.held.update({str(job.id): job for job in jobs})
+        return jobs
+
+    async def process(self, jobs: list[ClaimedJob]) -> None:
+        """Chunk jobs first (they unblock whole files), then one batch for the rest."""
+        for job in jobs:
+            if job.kind == "chunk":
+                await self._chunk(job)
+        batch = [job for job in jobs if job.kind == "transcribe"]
+        if batch:
+            await self._transcribe(batch)
+
+    async def _chunk(self, job: ClaimedJob) -> None:
+        try:
+            plan = await asyncio.to_thread(
+                plan_source, job.source_url, job.chunk_target_seconds, job.chunk_max_seconds
+            )
+        except MediaError as exc:
+            await self._fail(job, exc.reason, exc.permanent)
+            return
+        except Exception as exc:  # a bug or a resource problem: another try may succeed
+            log.exception("chunking job %s failed", job.id)
+            await self._fail(job, f"chunking failed: {exc}", permanent=False)
+            return
+        await self._finish(job, plan)
+
+    async def _transcribe(self, jobs: list[ClaimedJob]) -> None:
+        inputs: list[tuple[ClaimedJob, EngineInput]] = []
+        for job in jobs:
+            assert job.chunk is not None
+            try:
+                audio = await asyncio.to_thread(
+                    read_range, job.source_url, job.chunk.start, job.chunk.end
+                )
+            except MediaError as exc:
+                await self._fail(job, exc.reason, exc.permanent)
+                continue
+            inputs.append((job, self._engine_input(job, audio)))
+        if not inputs:
+            return
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(
+                self.engine.transcribe_batch, [item for _, item in inputs]
+            )
+        except Exception as exc:  # the engine's own failure: worth another try elsewhere
+            log.exception("engine failed on a batch of %d", len(inputs))
+            for job, _ in inputs:
+                await self._fail(job, f"{self.engine.name} failed: {exc}", permanent=False)
+            return
+        elapsed = time.perf_counter() - started
+        total = sum(len(item.audio) for _, item in inputs) or 1
+        for (job, item), output in zip(inputs, outputs, strict=True):
+            result = ChunkTranscript(
+                segments=output.segments,
+                language=output.language,
+                language_probability=output.language_probability,
+                audio_seconds=job.chunk.end - job.chunk.start,
+                processing_seconds=elapsed * len(item.audio) / total,
+            )
+            await self._finish(job, result)
+
+    @staticmethod
+    def _engine_input(job: ClaimedJob, audio) -> EngineInput:
+        return EngineInput(
+            audio=audio,
+            offset=job.chunk.start,
+            language=job.options.language,
+            word_timestamps=job.options.word_timestamps,
+        )
+
+    # --- leases ---------------------------------------------------------------
+
+    async def _finish(self, job: ClaimedJob, result) -> None:
+        await self._report(job, self.client.complete(job, result))
+        self.jobs_done += 1
+
+    async def _fail(self, job: ClaimedJob, reason: str, permanent: bool) -> None:
+        log.warning(
+            "job %s failed (%s): %s", job.id, "permanent" if permanent else "will retry", reason
+        )
+        await self._report(job, self.client.fail(job, reason, permanent))
+
+    async def _report(self, job: ClaimedJob, request) -> None:
+        key = str(job.id)
+        try:
+            if key in self.lost:
+                request.close()
+                log.info("dropping the result of job %s: its lease was lost", key)
+                return
+            await request
+        except LeaseLost as exc:
+            log.info("dropping the result of job %s: %s", key, exc)
+        finally:
+            self.held.pop(key, None)
+            self.lost.discard(key)
+
+    async def _heartbeat_loop(self, every_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(every_seconds)
+            for key, job in list(self.held.items()):
+                try:
+                    await self.client.heartbeat(job)
+                except LeaseLost as exc:
+                    log.warning("lost the lease on job %s: %s", key, exc)
+                    self.lost.add(key)
+                except Exception as exc:  # keep beating for the other jobs
+                    log.warning("heartbeat for job %s failed: %s", key, exc)
+
+    # --- shutdown -------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    def stop(self) -> None:
+        """Stop claiming; finish what is held within the grace period, else give it back."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: finishing %d held job(s)", len(self.held))
+        if self._claim is not None:
+            self._claim.cancel()
+        asyncio.get_running_loop().create_task(self._release_after_grace())
+
+    async def _release_after_grace(self) -> None:
+        await asyncio.sleep(self.config.grace_seconds)
+        for job in list(self.held.values()):
+            with contextlib.suppress(Exception):
+                await self.client.release(job)
+        log.info("grace period over: released %d job(s), exiting", len(self.held))
+        logging.shutdown()
+        os._exit(0)  # the engine's thread cannot be interrupted; the leases are back
