@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -36,7 +38,15 @@ def server(
 
     settings = Settings()
     logs.configure(settings.log_format, settings.log_level)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    # Long polls hold requests open: give in-flight requests a few seconds on shutdown.
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
 
 
 @app.command()
@@ -81,6 +91,131 @@ def worker(
     if name:
         config.name = name
     raise typer.Exit(asyncio.run(Worker(config).run()))
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Port for the board.")] = 8000,
+    workers: Annotated[int, typer.Option(min=0, help="Local worker processes.")] = 0,
+) -> None:
+    """Run a whole farm here: the embedded board plus local workers, until Ctrl-C."""
+    from server.local import LocalFarm, local_keys
+    from server.settings import Settings
+
+    settings = Settings()
+    keys = local_keys(settings)
+    farm = LocalFarm(settings, port=port)
+    count, threads = local_worker_shape(workers)
+    try:
+        farm.start_server()
+        farm.start_workers(count, keys["worker"], threads)
+        typer.echo(f"\nscribefarm is up: {farm.url}  ({count} local worker(s))")
+        typer.echo(f"API docs: {farm.url}/docs   admin key (also in {settings.data_dir}):")
+        typer.echo(keys["admin"])
+        while all(p.poll() is None for p in farm.processes[:1]):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        farm.stop()
+
+
+def local_worker_shape(workers: int) -> tuple[int, int]:
+    """How many local workers, with how many threads each: by default one per two
+    cores (CTranslate2 scales well to two threads), at least one."""
+    cores = os.cpu_count() or 1
+    count = workers or max(1, cores // 2)
+    return count, max(1, cores // count)
+
+
+@app.command()
+def demo(
+    file: Annotated[
+        Path | None, typer.Argument(help="Audio to transcribe [speech made with espeak-ng].")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port for the board.")] = 8000,
+) -> None:
+    """Start a local farm, transcribe a sample with it, print the transcript, stop."""
+    from server.demo import SAMPLE_TEXT, synthesize_sample
+    from server.local import LocalFarm, local_keys
+    from server.settings import Settings
+
+    settings = Settings()
+    sample = file or synthesize_sample(settings.data_dir / "demo")
+    keys = local_keys(settings)
+    farm = LocalFarm(settings, port=port)
+    count, threads = local_worker_shape(0)
+    try:
+        farm.start_server()
+        farm.start_workers(count, keys["worker"], threads)
+        typer.echo(f"\nthe farm is up at {farm.url} with {count} worker(s); submitting {sample}")
+        transcript = submit_and_follow(farm.url, keys["admin"], sample, "txt")
+    finally:
+        farm.stop()
+    typer.echo("\n--- transcript ---\n" + transcript)
+    if file is None:
+        typer.echo("--- the text espeak-ng read ---\n" + SAMPLE_TEXT)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Audio or video.")],
+    server: Annotated[str, typer.Option(envvar="SCRIBEFARM_SERVER")] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(envvar="SCRIBEFARM_KEY", help="A submit key.")] = "",
+    format: Annotated[str, typer.Option(help="txt, srt, vtt or json.")] = "txt",
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+) -> None:
+    """Submit a file, follow its progress, and print (or save) the transcript."""
+    transcript = submit_and_follow(server, key, file, format)
+    if output:
+        output.write_text(transcript)
+        typer.echo(f"saved {output}")
+    else:
+        typer.echo(transcript)
+
+
+def submit_and_follow(server: str, key: str, path: Path, fmt: str) -> str:
+    import httpx
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with httpx.Client(
+        base_url=server, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    ) as client:
+        with path.open("rb") as f:
+            response = client.post("/v1/transcriptions", files={"file": (path.name, f)})
+        fail_on_error(response)
+        tid = response.json()["id"]
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
+        with Progress(*columns) as progress:
+            task = progress.add_task("queued", total=None)
+            while True:
+                view = client.get(f"/v1/transcriptions/{tid}")
+                fail_on_error(view)
+                state = view.json()
+                done = state["progress"]
+                progress.update(
+                    task,
+                    description=f"{state['state']} {done['jobs_done']}/{done['jobs_total']} chunks",
+                    total=done["audio_seconds_total"],
+                    completed=done["audio_seconds_done"],
+                )
+                if state["state"] in ("succeeded", "failed", "canceled"):
+                    break
+                time.sleep(0.5)
+        if state["state"] != "succeeded":
+            raise typer.Exit(f"transcription {tid} {state['state']}: {state['error']}")
+        transcript = client.get(f"/v1/transcriptions/{tid}/transcript", params={"format": fmt})
+        fail_on_error(transcript)
+        return transcript.text
+
+
+def fail_on_error(response) -> None:
+    if response.status_code >= 400:
+        try:
+            message = response.json()["message"]
+        except (ValueError, KeyError):
+            message = response.text
+        raise typer.Exit(f"the board said {response.status_code}: {message}")
 
 
 @app.command()

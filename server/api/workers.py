@@ -83,9 +83,11 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
         remaining = deadline - loop.time()
         if rows or remaining <= 0:
             break
-        await state.doorbell.wait(remaining)
+        # Wake at least every second to notice a worker that hung up: nobody would
+        # receive what we claimed for it.
+        await state.doorbell.wait(min(remaining, 1.0))
         if await request.is_disconnected():
-            return ClaimResponse(jobs=[])  # nobody would receive what we claimed
+            return ClaimResponse(jobs=[])
     base = state.settings.public_url or str(request.base_url).rstrip("/")
     return ClaimResponse(jobs=[claimed_job(row, base, state) for row in rows])
 

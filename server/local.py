@@ -1,0 +1,91 @@
+"""A farm on this machine: the board's server and worker processes, for `scribefarm up`
+and `scribefarm demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from server.settings import Settings
+
+SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
+
+
+def local_keys(settings: Settings) -> dict[str, str]:
+    """An admin and a worker key for this machine's farm, made once and kept (0600) in
+    the data directory."""
+    path = settings.data_dir / "local-keys.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from server.cli import create_key
+
+    keys = {
+        role: asyncio.run(create_key(role, f"local {role}", None)) for role in ("admin", "worker")
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keys, f)
+    return keys
+
+
+@dataclass
+class LocalFarm:
+    settings: Settings
+    host: str = "127.0.0.1"
+    port: int = 8000
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start_server(self, timeout: float = 60) -> None:
+        self._spawn("server", "--host", self.host, "--port", str(self.port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[0].poll() is not None:
+                raise RuntimeError("the server exited; see its log above")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the server did not become ready at {self.url}")
+
+    def start_workers(self, count: int, key: str, threads: int) -> None:
+        for i in range(count):
+            self._spawn(
+                "worker",
+                "--server",
+                self.url,
+                "--threads",
+                str(threads),
+                "--name",
+                f"local-{i + 1}",
+                env={"SCRIBEFARM_KEY": key},  # not on the command line, where ps shows it
+            )
+
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> None:
+        environment = {**os.environ, "SCRIBEFARM_LOG_FORMAT": "text", **(env or {})}
+        self.processes.append(subprocess.Popen([SCRIBEFARM, *args], env=environment))
+
+    def stop(self, timeout: float = 30) -> None:
+        """Workers first (SIGTERM: they finish or give back their jobs), then the server."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        self.processes.clear()
