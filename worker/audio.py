@@ -1,0 +1,342 @@
+"""Media access through ffmpeg: streamed decoding and sample-accurate ranges.
+
+Everything is decoded to 16 kHz mono float32, the rate Whisper works at. The
+*timeline* of a source is the sample count of that decoded stream: sample ``i``
+is at ``i / 16000`` seconds, and the duration is ``samples / 16000``. Container
+metadata (which is often rounded or wrong, e.g. for VBR MP3) is never used.
+
+Why ``read_range`` works the way it does (measured with ffmpeg 9, see
+tests/integration/test_audio.py): plain input-side ``-ss`` is *not* sample
+accurate for several formats. For AAC in MP4/M4A it lands one priming frame
+(1024 samples) off, for MP3 the encoder delay shifts it, and in Matroska block
+timestamps only have millisecond precision. What is exact:
+
+* For containers whose timestamps count samples exactly (WAV, FLAC, Ogg, MP3,
+  MP4/M4A/MOV, ADTS AAC), read the first decoded frame's timestamp ``p0``
+  (a probe), seek one second *before* an integer-second point ``s`` with
+  ``-copyts -noaccurate_seek`` and cut at source pts ``p0 + s * rate`` with
+  ``atrim``. The cut is on a whole second, so it lies on both the source's and
+  the 16 kHz sample grids: the resampler then produces the very samples a full
+  decode produces, after a second of warm-up that is thrown away.
+* For everything else (Matroska/WebM, AVI, FLV, MPEG-TS, ...), decode from the
+  start and cut with ``atrim`` after resampling: exact, at the cost of decoding
+  the part before the range.
+
+Decoders with random state (AAC's perceptual noise substitution) legitimately
+produce slightly different noise after a seek; the timeline is still exact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ffmpeg
+import numpy as np
+
+SAMPLE_RATE = 16_000
+BYTES_PER_SAMPLE = 4  # float32
+
+# ffmpeg demuxer names (from "Input #0, <names>, from") whose audio timestamps
+# are exact sample counts, so the seek path above is exact for them.
+SEEKABLE_FORMATS = frozenset({"wav", "w64", "flac", "ogg", "mp3", "mov", "mp4", "m4a", "aac"})
+# Seconds decoded before the cut point when seeking: decoder and resampler warm-up.
+SEEK_PREROLL_SECONDS = 1
+_NETWORK_TIMEOUT_US = 30_000_000
+
+
+class MediaError(Exception):
+    """A source could not be read; ``reason`` says why and what to do.
+
+    ``permanent`` is True when retrying cannot help (not a media file, no audio,
+    corrupt, zero length) and False for transient trouble such as network errors.
+    """
+
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+@lru_cache(maxsize=1)
+def ffmpeg_binary() -> str:
+    """The system ffmpeg when on PATH, else the one shipped in the imageio-ffmpeg wheel."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def seconds_to_samples(seconds: float) -> int:
+    return round(seconds * SAMPLE_RATE)
+
+
+def stream_audio(source: str, *, block_seconds: float = 30.0) -> Iterator[np.ndarray]:
+    """Decode the whole source as consecutive 16 kHz mono float32 blocks.
+
+    Only one block is in memory at a time, so a 10-hour source costs no more
+    than a short one. Raises MediaError (possibly after some blocks) when
+    ffmpeg fails, and when the source has no audio samples at all.
+    """
+    _check_local_file(source)
+    stream = _audio_input(source).filter("aresample", SAMPLE_RATE)
+    block_bytes = max(1, round(block_seconds * SAMPLE_RATE)) * BYTES_PER_SAMPLE
+    total = 0
+    with _FfmpegPipe(source, stream) as pipe:
+        for block in pipe.blocks(block_bytes):
+            total += block.size
+            yield block
+    if total == 0:
+        raise _zero_length()
+
+
+def read_range(source: str, start: float, end: float) -> np.ndarray:
+    """The samples of [start, end) seconds of the source, exactly as a full decode has them.
+
+    Returns fewer samples when the source ends before ``end``.
+    """
+    if start < 0 or end < start:
+        raise ValueError(f"invalid range [{start}, {end})")
+    first, stop = seconds_to_samples(start), seconds_to_samples(end)
+    if stop == first:
+        return np.zeros(0, dtype=np.float32)
+    _check_local_file(source)
+    seek = max(0, first // SAMPLE_RATE - SEEK_PREROLL_SECONDS)
+    stream = None
+    if seek > 0:
+        probe = probe_source(source)
+        if probe.container & SEEKABLE_FORMATS:
+            stream = _seeking_input(source, probe, seek)
+    if stream is None:
+        seek = 0
+        stream = _audio_input(source)
+    skip = first - seek * SAMPLE_RATE
+    stream = stream.filter("aresample", SAMPLE_RATE).filter(
+        "atrim", start_sample=skip, end_sample=skip + stop - first
+    )
+    with _FfmpegPipe(source, stream) as pipe:
+        blocks = list(pipe.blocks(1 << 22))
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the decode plan needs to know about a source, from one ffmpeg run."""
+
+    container: frozenset[str]  # demuxer names, e.g. {"mov", "mp4", "m4a", ...}
+    sample_rate: int  # of the first audio stream, as decoded
+    first_pts: int  # pts of its first decoded frame, in 1/sample_rate units
+
+
+_INPUT_RE = re.compile(r"Input #0, ([^ ]+), from")
+_FRAME_RE = re.compile(r"n:0 pts:(-?\d+) .*? rate:(\d+)")
+
+
+def probe_source(source: str) -> Probe:
+    """Decode only the first audio frame, with ``-copyts``, to learn the timestamp origin."""
+    _check_local_file(source)
+    stream = ffmpeg.input(source, copyts=None, **_input_options(source))["a:0"]
+    cmd = ffmpeg.output(stream.filter("ashowinfo"), "-", format="null", **{"frames:a": 1})
+    cmd = cmd.global_args("-nostdin", "-hide_banner", "-loglevel", "info")
+    proc = subprocess.run(
+        cmd.compile(cmd=ffmpeg_binary()), capture_output=True, text=True, errors="replace"
+    )
+    if proc.returncode != 0:
+        raise _classify(source, proc.stderr)
+    names, frame = _INPUT_RE.search(proc.stderr), _FRAME_RE.search(proc.stderr)
+    if not names:
+        raise _classify(source, proc.stderr)
+    if not frame:
+        raise _zero_length()
+    return Probe(frozenset(names[1].split(",")), int(frame[2]), int(frame[1]))
+
+
+def _seeking_input(source: str, probe: Probe, seek: int) -> ffmpeg.nodes.FilterableStream:
+    # -ss is relative to the (pts) origin; land a preroll second early, then cut
+    # at exactly `seek` seconds on the original timeline, in source samples.
+    origin = probe.first_pts / probe.sample_rate
+    stream = ffmpeg.input(
+        source,
+        ss=f"{seek - SEEK_PREROLL_SECONDS + origin:.6f}",
+        copyts=None,
+        noaccurate_seek=None,
+        **_input_options(source),
+    )["a:0"]
+    return stream.filter("atrim", start_pts=probe.first_pts + seek * probe.sample_rate)
+
+
+def _audio_input(source: str) -> ffmpeg.nodes.FilterableStream:
+    return ffmpeg.input(source, **_input_options(source))["a:0"]
+
+
+def _input_options(source: str) -> dict[str, object]:
+    if not is_url(source):
+        return {}
+    # ffmpeg reads URLs itself (range requests when seeking); survive short drops.
+    return {
+        "rw_timeout": _NETWORK_TIMEOUT_US,
+        "reconnect": 1,
+        "reconnect_on_network_error": 1,
+        "reconnect_delay_max": 4,
+    }
+
+
+def _zero_length() -> MediaError:
+    return MediaError(
+        "the audio track contains no samples (zero length); upload a recording with sound",
+        permanent=True,
+    )
+
+
+def _check_local_file(source: str) -> None:
+    if is_url(source):
+        return
+    if not os.path.exists(source):
+        raise MediaError(f"the file {source} does not exist", permanent=True)
+    if os.path.isfile(source) and os.path.getsize(source) == 0:
+        raise MediaError("the file is empty (0 bytes); upload the recording again", permanent=True)
+
+
+class _FfmpegPipe:
+    """One ffmpeg process writing raw 16 kHz mono float32 to a pipe.
+
+    stderr is drained by a thread (keeping its tail for error messages) so that
+    a chatty ffmpeg can never block on a full pipe.
+    """
+
+    def __init__(self, source: str, stream: ffmpeg.nodes.FilterableStream) -> None:
+        self.source = source
+        out = ffmpeg.output(stream, "pipe:", format="f32le", ac=1, ar=SAMPLE_RATE)
+        out = out.global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+        self.proc = subprocess.Popen(
+            out.compile(cmd=ffmpeg_binary()), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self._stderr: deque[bytes] = deque(maxlen=64)
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    def blocks(self, block_bytes: int) -> Iterator[np.ndarray]:
+        """Yield float32 blocks of ``block_bytes`` (the last may be shorter)."""
+        assert self.proc.stdout is not None
+        block_bytes -= block_bytes % BYTES_PER_SAMPLE
+        while True:
+            data = self.proc.stdout.read(block_bytes)
+            usable = len(data) - len(data) % BYTES_PER_SAMPLE
+            if usable:
+                yield np.frombuffer(data[:usable], dtype=np.float32).copy()
+            if len(data) < block_bytes:
+                break
+        self.proc.wait()
+        self._drain.join()
+        if self.proc.returncode != 0:
+            raise _classify(self.source, b"".join(self._stderr).decode(errors="replace"))
+
+    def __enter__(self) -> _FfmpegPipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Reached early when the consumer stops reading: don't decode the rest.
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+# ffmpeg message fragment -> what a person should be told.
+_PERMANENT_REASONS = (
+    ("matches no streams", "the file has no audio track; upload a recording that contains sound"),
+    (
+        "moov atom not found",
+        "the file is incomplete (the MP4 index is missing, often a truncated upload or "
+        "an unfinished recording); upload the complete file",
+    ),
+    (
+        "Invalid data found when processing input",
+        "the file is not audio or video ffmpeg can read, or it is corrupt; upload an "
+        "audio or video file such as MP3, WAV, M4A or MP4",
+    ),
+    ("No such file or directory", "the file does not exist"),
+    ("Permission denied", "the file cannot be read (permission denied)"),
+)
+_NETWORK_HINTS = (
+    "Connection",
+    "timed out",
+    "Server returned",
+    "resolve",
+    "I/O error",
+    "Network",
+    "HTTP error",
+    "Input/output error",
+    "End of file",
+    "TLS",
+)
+
+
+def _classify(source: str, stderr: str) -> MediaError:
+    """Turn ffmpeg's stderr into a MediaError a person can act on."""
+    detail = _last_error_line(stderr)
+    network = is_url(source) and any(hint in stderr for hint in _NETWORK_HINTS)
+    if network and "Invalid data found" not in stderr and "matches no streams" not in stderr:
+        return MediaError(
+            f"could not fetch the source over the network ({detail}); it will be retried",
+            permanent=False,
+        )
+    for fragment, reason in _PERMANENT_REASONS:
+        if fragment in stderr:
+            return MediaError(reason, permanent=True)
+    if is_url(source):
+        return MediaError(f"reading the source failed ({detail})", permanent=False)
+    return MediaError(
+        f"the file could not be decoded; it may be corrupt (ffmpeg: {detail})", permanent=True
+    )
+
+
+def _last_error_line(stderr: str) -> str:
+    """The line that names the cause: ffmpeg ends with generic summaries."""
+    lines = [re.sub(r"^\[[^\]]+\] ", "", line.strip()) for line in stderr.splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if any(fragment in line for fragment, _ in _PERMANENT_REASONS):
+            return line[:300]
+    for line in lines:
+        if any(word in line for word in ("rror", "failed", "not found", "Connection")):
+            return line[:300]
+    return lines[-1][:300] if lines else "no error message"
+
+
+def duration_of(samples: int) -> float:
+    return samples / SAMPLE_RATE
+
+
+__all__ = [
+    "SAMPLE_RATE",
+    "MediaError",
+    "Probe",
+    "duration_of",
+    "ffmpeg_binary",
+    "is_url",
+    "probe_source",
+    "read_range",
+    "seconds_to_samples",
+    "stream_audio",
+]

