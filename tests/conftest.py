@@ -51,3 +51,11 @@ def server(make_server: Callable[..., Server]) -> Server:
 @pytest.fixture(scope="module")
 def keys(server: Server) -> dict[str, str]:
     return {role: server.create_key(role) for role in ("submit", "worker", "admin")}
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory):
+    """Speech from known text and its conversions, made once per session."""
+    from tests.speech import shared_media
+
+    return shared_media(tmp_path_factory)

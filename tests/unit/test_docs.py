@@ -8,9 +8,5 @@ GUIDE = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
 
 
 def test_every_server_setting_is_documented():
-    missing = [
-        name
-        for name in Settings.model_fields
-        if f"SCRIBEFARM_{name.upper()}" not in GUIDE
-    ]
+    missing = [name for name in Settings.model_fields if f"SCRIBEFARM_{name.upper()}" not in GUIDE]
     assert missing == []
