@@ -16,7 +16,7 @@ import asyncpg
 
 from server import transcripts
 from server.errors import ApiError
-from server.protocol import ChunkPlan, ChunkTranscript
+from server.protocol import CachedChunk, ChunkPlan, ChunkTranscript
 from server.settings import Settings
 
 JOBS_CHANNEL = "scribefarm_jobs"
@@ -175,6 +175,14 @@ WORKER_STATS = """
 UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $2,
                    busy_seconds = busy_seconds + $3, last_seen_at = now()
 WHERE id = $1
+"""
+
+# Primary key lookups.
+CACHE_LOOKUP = "SELECT key, result FROM chunk_cache WHERE key = ANY($1::text[])"
+
+# Primary key; the first result stored for a key stays.
+CACHE_STORE = """
+INSERT INTO chunk_cache (key, result) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING
 """
 
 # Primary key lookup, then ix_jobs_transcription for its unfinished jobs.
@@ -465,6 +473,10 @@ class Board:
     ) -> UUID:
         return await self.pool.fetchval(INSERT_KEY, name, role, key_hash, prefix, expires_at)
 
+    async def cached_chunks(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        rows = await self.pool.fetch(CACHE_LOOKUP, keys)
+        return {row["key"]: row["result"] for row in rows}
+
     # --- fan-out and fan-in -------------------------------------------------
 
     async def _fan_out(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
@@ -484,7 +496,9 @@ class Board:
             await conn.execute(SUCCEED, transcription_id, transcripts.merge([], 0.0))
 
     async def _fan_in(self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript):
-        if job["worker_id"] is not None:
+        if result.cache_key and not result.cached:
+            await conn.execute(CACHE_STORE, result.cache_key, cache_entry(result, job))
+        if job["worker_id"] is not None and not result.cached:
             await conn.execute(
                 WORKER_STATS, job["worker_id"], result.audio_seconds, result.processing_seconds
             )
@@ -531,6 +545,15 @@ def failure_reason(job: asyncpg.Record, error: str) -> str:
         f"chunk {job['seq'] - 1} ({job['start_seconds']:.1f}-{job['end_seconds']:.1f} s) "
         f"failed after {job['attempts']} attempt(s): {error}"
     )
+
+
+def cache_entry(result: ChunkTranscript, job: asyncpg.Record) -> dict[str, Any]:
+    """Stored relative to the chunk's start, so the same audio elsewhere reuses it."""
+    return CachedChunk(
+        segments=[s.shifted(-job["start_seconds"]) for s in result.segments],
+        language=result.language,
+        language_probability=result.language_probability,
+    ).model_dump(mode="json")
 
 
 def not_found(transcription_id: UUID) -> ApiError:

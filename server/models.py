@@ -135,6 +135,17 @@ class Job(SQLModel, table=True):
     finished_at: datetime | None = timestamp()
 
 
+class ChunkCache(SQLModel, table=True):
+    """Transcripts of chunks by the hash of their audio, model and options: a retried or
+    resubmitted chunk reuses its result instead of running the model again."""
+
+    __tablename__ = "chunk_cache"
+
+    key: str = Field(primary_key=True)
+    result: dict[str, Any] = jsonb(nullable=False)
+    created_at: datetime = timestamp(nullable=False, default_now=True)
+
+
 class Worker(SQLModel, table=True):
     __tablename__ = "workers"
 

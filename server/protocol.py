@@ -99,6 +99,18 @@ class Segment(BaseModel):
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
 
+    def shifted(self, seconds: float) -> Segment:
+        """The same segment `seconds` later on the timeline (earlier when negative)."""
+        words = None
+        if self.words is not None:
+            words = [
+                w.model_copy(update={"start": w.start + seconds, "end": w.end + seconds})
+                for w in self.words
+            ]
+        return self.model_copy(
+            update={"start": self.start + seconds, "end": self.end + seconds, "words": words}
+        )
+
 
 class ChunkSpan(BaseModel):
     """One planned transcription job: [start, end) of the source, in seconds."""
@@ -125,7 +137,12 @@ class ChunkTranscript(Strict):
     language_probability: float | None = None
     audio_seconds: float = Field(ge=0)
     processing_seconds: float = Field(ge=0)
-    cached: bool = False
+    cache_key: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Hash of the chunk's decoded audio, model and decoding options.",
+    )
+    cached: bool = Field(default=False, description="Reused from the cache: no model ran.")
 
 
 JobResult = Annotated[ChunkPlan | ChunkTranscript, Field(discriminator="kind")]
@@ -194,6 +211,22 @@ class LeaseResponse(BaseModel):
 class CompleteRequest(Strict):
     lease_id: UUID
     result: JobResult
+
+
+class CacheLookup(Strict):
+    keys: list[str] = Field(max_length=256)
+
+
+class CachedChunk(BaseModel):
+    """A chunk's earlier result, with times relative to the chunk's start."""
+
+    segments: list[Segment]
+    language: str | None = None
+    language_probability: float | None = None
+
+
+class CacheHits(BaseModel):
+    results: dict[str, CachedChunk]
 
 
 class FailRequest(Strict):

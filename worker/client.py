@@ -21,6 +21,8 @@ from tenacity import (
 from server.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
+    CachedChunk,
+    CacheHits,
     ClaimedJob,
     ClaimResponse,
     JobOutcome,
@@ -101,6 +103,10 @@ class BoardClient:
         }
         data = await self._post("/v1/jobs/claim", body, read_timeout=wait_seconds + 30)
         return ClaimResponse.model_validate(data).jobs
+
+    async def cached_chunks(self, keys: list[str]) -> dict[str, CachedChunk]:
+        data = await self._post("/v1/chunk-cache/lookup", {"keys": keys})
+        return CacheHits.model_validate(data).results
 
     async def heartbeat(self, job: ClaimedJob) -> None:
         await self._post(f"/v1/jobs/{job.id}/heartbeat", {"lease_id": str(job.lease_id)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -15,13 +16,34 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from server.protocol import ChunkTranscript, ClaimedJob, WorkerCapabilities
+from server.protocol import CachedChunk, ChunkTranscript, ClaimedJob, WorkerCapabilities
 from worker.audio import MediaError, read_range
 from worker.chunking import plan_source
-from worker.client import BoardClient, LeaseLost
+from worker.client import BoardClient, BoardError, LeaseLost
 from worker.engines import Engine, EngineInput, load_engine
 
 log = logging.getLogger("scribefarm.worker")
+
+
+def cache_key(item: EngineInput, engine: Engine) -> str:
+    """Same audio, model and decoding options: the same transcript."""
+    digest = hashlib.sha256()
+    options = f"{engine.name}|{','.join(engine.models)}|{item.language}|{item.word_timestamps}"
+    digest.update(options.encode())
+    digest.update(item.audio.astype("<f4").tobytes())
+    return digest.hexdigest()
+
+
+def reuse(job: ClaimedJob, cached: CachedChunk, key: str) -> ChunkTranscript:
+    return ChunkTranscript(
+        segments=[s.shifted(job.chunk.start) for s in cached.segments],
+        language=cached.language,
+        language_probability=cached.language_probability,
+        audio_seconds=job.chunk.end - job.chunk.start,
+        processing_seconds=0.0,
+        cache_key=key,
+        cached=True,
+    )
 
 
 @dataclass
@@ -146,7 +168,7 @@ class Worker:
         await self._finish(job, plan)
 
     async def _transcribe(self, jobs: list[ClaimedJob]) -> None:
-        inputs: list[tuple[ClaimedJob, EngineInput]] = []
+        inputs: list[tuple[ClaimedJob, EngineInput, str]] = []
         for job in jobs:
             assert job.chunk is not None
             try:
@@ -156,28 +178,46 @@ class Worker:
             except MediaError as exc:
                 await self._fail(job, exc.reason, exc.permanent)
                 continue
-            inputs.append((job, self._engine_input(job, audio)))
+            item = self._engine_input(job, audio)
+            inputs.append((job, item, cache_key(item, self.engine)))
+        cached = await self._cached([key for _, _, key in inputs])
+        for job, _, key in inputs:
+            if key in cached:
+                await self._finish(job, reuse(job, cached[key], key))
+        await self._run_engine([entry for entry in inputs if entry[2] not in cached])
+
+    async def _cached(self, keys: list[str]) -> dict[str, CachedChunk]:
+        if not keys:
+            return {}
+        try:
+            return await self.client.cached_chunks(keys)
+        except BoardError as exc:  # the cache only saves time: go on without it
+            log.warning("chunk cache unavailable: %s", exc)
+            return {}
+
+    async def _run_engine(self, inputs: list[tuple[ClaimedJob, EngineInput, str]]) -> None:
         if not inputs:
             return
         started = time.perf_counter()
         try:
             outputs = await asyncio.to_thread(
-                self.engine.transcribe_batch, [item for _, item in inputs]
+                self.engine.transcribe_batch, [item for _, item, _ in inputs]
             )
         except Exception as exc:  # the engine's own failure: worth another try elsewhere
             log.exception("engine failed on a batch of %d", len(inputs))
-            for job, _ in inputs:
+            for job, _, _ in inputs:
                 await self._fail(job, f"{self.engine.name} failed: {exc}", permanent=False)
             return
         elapsed = time.perf_counter() - started
-        total = sum(len(item.audio) for _, item in inputs) or 1
-        for (job, item), output in zip(inputs, outputs, strict=True):
+        total = sum(len(item.audio) for _, item, _ in inputs) or 1
+        for (job, item, key), output in zip(inputs, outputs, strict=True):
             result = ChunkTranscript(
                 segments=output.segments,
                 language=output.language,
                 language_probability=output.language_probability,
                 audio_seconds=job.chunk.end - job.chunk.start,
                 processing_seconds=elapsed * len(item.audio) / total,
+                cache_key=key,
             )
             await self._finish(job, result)
 

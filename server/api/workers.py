@@ -17,6 +17,8 @@ from server.errors import ApiError
 from server.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
+    CacheHits,
+    CacheLookup,
     ChunkSpan,
     ClaimedJob,
     ClaimRequest,
@@ -112,6 +114,13 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
         chunk_target_seconds=options.target_chunk_seconds or state.settings.default_chunk_seconds,
         chunk_max_seconds=state.settings.max_chunk_seconds,
     )
+
+
+@router.post("/chunk-cache/lookup", response_model=CacheHits)
+async def cache_lookup(request: Request, body: CacheLookup, caller: WorkerKey) -> CacheHits:
+    """Earlier results for chunks with the same audio, model and options: the worker
+    reuses them instead of running the model."""
+    return CacheHits(results=await request.app.state.board.cached_chunks(body.keys))
 
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=LeaseResponse, responses=LEASE_ERRORS)
