@@ -205,3 +205,59 @@ def chunk_transcript(job: dict[str, Any], text: str | None = None) -> dict[str, 
         "audio_seconds": end - start,
         "processing_seconds": 0.01,
     }
+
+
+@dataclass
+class WorkerProcess:
+    """A real `scribefarm worker` process (real ffmpeg, real model) for `server`."""
+
+    server: Server
+    key: str
+    name: str
+    options: tuple[str, ...] = ()
+    process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_path = self.server.data_dir / f"worker-{self.name}.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the process)
+        args = ["worker", "--server", self.server.url, "--name", self.name, *self.options]
+        self.process = subprocess.Popen(
+            [SCRIBEFARM, *args],
+            env={**self.server.env, "SCRIBEFARM_KEY": self.key},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    """Polls `predicate` until it returns something truthy; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_until_finished(client: httpx.Client, tid: str, timeout: float = 300) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        view = client.get(f"/v1/transcriptions/{tid}").json()
+        return view if view["state"] in ("succeeded", "failed", "canceled") else None
+
+    return wait_for(finished, timeout, f"transcription {tid} to finish", every=0.3)
