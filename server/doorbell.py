@@ -20,14 +20,15 @@ class Doorbell:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def wait(self, seconds: float) -> None:
-        """Returns when rung or after `seconds`, whichever is first."""
+    async def wait(self, seconds: float) -> bool:
+        """Waits until rung (True) or for `seconds` (False), whichever is first."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             await asyncio.wait_for(waiter, seconds)
+            return True
         except TimeoutError:
-            pass
+            return False
         finally:
             if not waiter.done():
                 waiter.cancel()

@@ -74,22 +74,25 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
     state = request.app.state
     loop = asyncio.get_running_loop()
     deadline = loop.time() + body.wait_seconds
-    while True:
-        rows = await state.board.claim(
+
+    def claim_now():
+        return state.board.claim(
             body.worker_id,
             caller.key_id,
             body.max_jobs,
             body.max_audio_seconds,
             state.settings.lease_seconds,
         )
-        remaining = deadline - loop.time()
-        if rows or remaining <= 0:
-            break
-        # Wake at least every second to notice a worker that hung up: nobody would
-        # receive what we claimed for it.
-        await state.doorbell.wait(min(remaining, 1.0))
+
+    rows = await claim_now()
+    while not rows and (remaining := deadline - loop.time()) > 0:
+        # The database is asked again only when rung. Wake every second anyway to
+        # notice a worker that hung up: nobody would receive what we claimed for it.
+        rung = await state.doorbell.wait(min(remaining, 1.0))
         if await request.is_disconnected():
             return ClaimResponse(jobs=[])
+        if rung:
+            rows = await claim_now()
     base = state.settings.public_url or str(request.base_url).rstrip("/")
     return ClaimResponse(jobs=[claimed_job(row, base, state) for row in rows])
 
