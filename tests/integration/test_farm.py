@@ -248,3 +248,20 @@ def test_a_resubmitted_file_reuses_cached_chunks_without_running_the_model(farm,
     # No worker spent model time on it.
     assert server.sql("SELECT sum(busy_seconds) AS s, sum(jobs_done) AS n FROM workers")[0] == busy
     assert second["segments"] == first["segments"]
+
+
+def test_exit_when_idle_and_max_jobs_end_the_worker_with_status_zero(make_server, media):
+    server = make_server()
+    keys = {role: server.create_key(role) for role in ("submit", "worker")}
+    idle = WorkerProcess(server, keys["worker"], "idle", ("--exit-when-idle", "2")).start()
+    assert idle.wait(60) == 0
+    assert "idle for 2 s: exiting" in idle.log
+
+    path = media.paragraphs((0,))
+    with server.client(keys["submit"]) as client:
+        tid = submit(client, path.read_bytes(), path.name).json()["id"]
+        once = WorkerProcess(server, keys["worker"], "once", ("--max-jobs", "1")).start()
+        assert once.wait(120) == 0
+        # It cut the file (one job) and left the transcription's chunks to others.
+        assert client.get(f"/v1/transcriptions/{tid}").json()["state"] == "running"
+    assert "stopped after 1 job(s)" in once.log
