@@ -20,7 +20,7 @@ from server.protocol import Segment
 
 # The model the farm uses when none is configured, if it ships with the worker.
 DEFAULT_MODEL = "tiny.en"
-ENGINE_NAMES = ("faster-whisper",)
+ENGINE_NAMES = ("faster-whisper", "whisperx")
 
 
 @dataclass(frozen=True)
@@ -105,4 +105,14 @@ def load_engine(
         return FasterWhisperEngine(
             model, device=device, cpu_threads=cpu_threads, batch_size=batch_size
         )
+    if engine == "whisperx":
+        # Imported only here: whisperx brings torch, which the default worker never needs.
+        try:
+            from worker.engines.whisperx import WhisperXEngine
+        except ImportError as exc:
+            raise ValueError(
+                f"the whisperx engine is not installed ({exc}); install the 'whisperx' extra"
+            ) from exc
+
+        return WhisperXEngine(model, device=device, cpu_threads=cpu_threads, batch_size=batch_size)
     raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
