@@ -3,6 +3,10 @@
 Every statement names the index it relies on. Lease times come from the database
 clock (now()), never from a worker's clock. Writes that name a lease are fenced:
 they change a row only while that lease is the job's current one.
+
+One lock order, so no two transactions can deadlock: a transaction that changes a
+transcription and its jobs locks the transcription row first (LOCK_TRANSCRIPTION),
+then jobs, then workers. Claims never wait on a job or transcription (SKIP LOCKED).
 """
 
 from __future__ import annotations
@@ -62,13 +66,27 @@ WITH worker AS (
     RETURNING j.id, j.kind, j.lease_id, j.lease_expires_at, j.attempts, j.transcription_id,
               j.seq, j.model, j.start_seconds, j.end_seconds
 ), started AS (
-    -- primary key lookups
+    -- Primary key lookups. SKIP LOCKED: a claim never waits (lock order); a
+    -- transcription skipped here is marked running when its plan fans out.
     UPDATE transcriptions t SET state = 'running', started_at = now()
-    WHERE t.id IN (SELECT transcription_id FROM claimed) AND t.state = 'queued'
+    WHERE t.id IN (
+        SELECT s.id FROM transcriptions s
+        WHERE s.id IN (SELECT transcription_id FROM claimed) AND s.state = 'queued'
+        FOR UPDATE SKIP LOCKED
+    )
 )
 SELECT c.*, t.source_key, t.options
 FROM worker
 LEFT JOIN (claimed c JOIN transcriptions t ON t.id = c.transcription_id) ON true
+"""
+
+# Primary key lookups: the first lock of every transaction that changes a transcription
+# and its jobs.
+LOCK_TRANSCRIPTION = "SELECT state FROM transcriptions WHERE id = $1 FOR UPDATE"
+LOCK_TRANSCRIPTION_OF_JOB = """
+SELECT t.id FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+WHERE j.id = $1
+FOR UPDATE OF t
 """
 
 # Primary key lookup; fenced on the lease.
@@ -111,10 +129,17 @@ RETURNING id
 
 # Uses ix_jobs_leased: expired leases whose attempts are used up will never be claimed
 # again (CLAIM skips them), so they are dead.
-RESCUE_EXHAUSTED = """
+EXHAUSTED = """
+SELECT id FROM jobs
+WHERE state = 'leased' AND lease_expires_at <= now() AND attempts >= max_attempts
+LIMIT 100
+"""
+
+# Primary key lookup; checked again under the transcription's lock.
+BURY = """
 UPDATE jobs SET state = 'dead', finished_at = now(), lease_expires_at = NULL,
     error = coalesce(error || '; ', '') || 'lease expired on the last attempt (worker lost)'
-WHERE state = 'leased' AND lease_expires_at <= now() AND attempts >= max_attempts
+WHERE id = $1 AND state = 'leased' AND lease_expires_at <= now() AND attempts >= max_attempts
 RETURNING transcription_id, kind, seq, start_seconds, end_seconds, attempts, error
 """
 
@@ -144,8 +169,10 @@ WHERE t.id = $1
 
 # Primary key lookup.
 PLANNED = """
-UPDATE transcriptions SET duration_seconds = $2, jobs_total = $3
-WHERE id = $1 AND state = 'running'
+UPDATE transcriptions
+SET duration_seconds = $2, jobs_total = $3, state = 'running',
+    started_at = coalesce(started_at, now())
+WHERE id = $1 AND state IN ('queued', 'running')
 """
 
 # Fan-in: the row lock on the transcription serialises concurrent completions, so
@@ -185,7 +212,8 @@ CACHE_STORE = """
 INSERT INTO chunk_cache (key, result) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING
 """
 
-# Primary key lookup, then ix_jobs_transcription for its unfinished jobs.
+# Under the transcription's lock: primary key lookup, then ix_jobs_transcription for
+# its unfinished jobs.
 FAIL_TRANSCRIPTION = """
 WITH failed AS (
     UPDATE transcriptions SET state = 'failed', error = $2, finished_at = now()
@@ -196,6 +224,7 @@ UPDATE jobs SET state = 'canceled', lease_expires_at = NULL, finished_at = now()
 WHERE transcription_id IN (SELECT id FROM failed) AND state IN ('queued', 'leased')
 """
 
+# Under the transcription's lock, like FAIL_TRANSCRIPTION.
 CANCEL_TRANSCRIPTION = """
 WITH canceled AS (
     UPDATE transcriptions SET state = 'canceled', finished_at = now()
@@ -208,8 +237,8 @@ WITH canceled AS (
 SELECT count(*) FROM canceled
 """
 
-# Requeues what did not finish (dead or canceled jobs); finished chunks keep their
-# results. Uses ix_jobs_transcription.
+# Under the transcription's lock: requeues what did not finish (dead or canceled
+# jobs); finished chunks keep their results. Uses ix_jobs_transcription.
 RETRY_TRANSCRIPTION = """
 WITH retried AS (
     UPDATE transcriptions
@@ -354,7 +383,9 @@ class Board:
 
     async def cancel(self, transcription_id: UUID, owner: UUID | None) -> None:
         row = await self.get(transcription_id, owner)
-        canceled = await self.pool.fetchval(CANCEL_TRANSCRIPTION, transcription_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
+            canceled = await conn.fetchval(CANCEL_TRANSCRIPTION, transcription_id)
         if not canceled:
             raise ApiError(
                 409, "already_finished", f"transcription {transcription_id} is {row['state']}"
@@ -363,6 +394,7 @@ class Board:
     async def retry_transcription(self, transcription_id: UUID, owner: UUID | None) -> None:
         row = await self.get(transcription_id, owner)
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
             result = await conn.fetchrow(RETRY_TRANSCRIPTION, transcription_id)
             if not result["retried"]:
                 raise ApiError(
@@ -417,6 +449,7 @@ class Board:
 
     async def complete(self, job_id: UUID, lease_id: UUID, result: ChunkPlan | ChunkTranscript):
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
             job = await conn.fetchrow(COMPLETE, job_id, lease_id, result.model_dump(mode="json"))
             if job is None:
                 return await self._repeated_completion(conn, job_id, lease_id)
@@ -430,6 +463,7 @@ class Board:
 
     async def fail(self, job_id: UUID, lease_id: UUID, error: str, permanent: bool):
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
             job = await conn.fetchrow(
                 FAIL,
                 job_id,
@@ -455,13 +489,16 @@ class Board:
 
     async def rescue_exhausted(self) -> int:
         """Jobs whose last lease expired are dead; their transcriptions fail."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(RESCUE_EXHAUSTED)
-            for job in rows:
-                await conn.execute(
-                    FAIL_TRANSCRIPTION, job["transcription_id"], failure_reason(job, job["error"])
-                )
-        return len(rows)
+        buried = 0
+        for candidate in await self.pool.fetch(EXHAUSTED):
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, candidate["id"])
+                job = await conn.fetchrow(BURY, candidate["id"])
+                if job is not None:
+                    reason = failure_reason(job, job["error"])
+                    await conn.execute(FAIL_TRANSCRIPTION, job["transcription_id"], reason)
+                    buried += 1
+        return buried
 
     # --- keys ---------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from server.protocol import (
 )
 
 
-def protocol_version(
+async def protocol_version(
     version: Annotated[str | None, Header(alias=PROTOCOL_HEADER)] = None,
 ) -> None:
     """Workers of another major version, or an older minor one, must upgrade first."""

@@ -332,3 +332,35 @@ def test_long_poll_returns_empty_after_its_wait(server, worker):
     started = time.monotonic()
     assert worker.claim(wait=1.0) == []
     assert 1.0 <= time.monotonic() - started < 3
+
+
+def test_cancel_and_failure_racing_completions_never_deadlock(server, keys, submitter, worker):
+    """Every transaction locks the transcription before its jobs: a cancel, a job going
+    dead and the last completions at the same moment all succeed or are fenced."""
+    workers = [ProtocolWorker(server, keys["worker"], name=f"race-{i}") for i in range(6)]
+    for round_ in range(10):
+        tid = submit_planned(submitter, worker, 6)
+        held = [(w, w.claim()[0]) for w in workers]
+        barrier = threading.Barrier(len(held) + 1)
+
+        def finish(pair, barrier=barrier, round_=round_):
+            w, job = pair
+            barrier.wait()
+            if job["chunk"]["index"] == round_ % 6:
+                return w.fail(job, "broken chunk", permanent=True).status_code
+            return w.complete(job, chunk_transcript(job)).status_code
+
+        def cancel(barrier=barrier, tid=tid):
+            barrier.wait()
+            return submitter.post(f"/v1/transcriptions/{tid}/cancel").status_code
+
+        with ThreadPoolExecutor(len(held) + 1) as pool:
+            canceled = pool.submit(cancel)
+            statuses = [*pool.map(finish, held), canceled.result()]
+        assert set(statuses) <= {200, 409}, statuses
+        states = {r["state"] for r in job_rows(server, tid)}
+        assert "leased" not in states and "queued" not in states
+        view = submitter.get(f"/v1/transcriptions/{tid}").json()
+        assert view["state"] in ("canceled", "failed")
+    for w in workers:
+        w.close()
