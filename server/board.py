@@ -175,11 +175,17 @@ SET duration_seconds = $2, jobs_total = $3, state = 'running',
 WHERE id = $1 AND state IN ('queued', 'running')
 """
 
-# Fan-in: the row lock on the transcription serialises concurrent completions, so
-# exactly one of them sees jobs_done reach jobs_total.
+# Fan-in, under the transcription's lock (taken first), which serialises concurrent
+# completions: exactly one of them sees jobs_done reach jobs_total. One statement, so
+# the lock is held for one round trip. Primary key lookups.
 COUNT_DONE = """
+WITH stats AS (
+    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $3,
+                       busy_seconds = busy_seconds + $4, last_seen_at = now()
+    WHERE id = $2 AND NOT $5
+)
 UPDATE transcriptions
-SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $2
+SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $3
 WHERE id = $1 AND state = 'running'
 RETURNING jobs_done, jobs_total, duration_seconds
 """
@@ -195,13 +201,6 @@ ORDER BY seq
 SUCCEED = """
 UPDATE transcriptions SET state = 'succeeded', transcript = $2, finished_at = now()
 WHERE id = $1 AND state = 'running'
-"""
-
-# Primary key lookup.
-WORKER_STATS = """
-UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $2,
-                   busy_seconds = busy_seconds + $3, last_seen_at = now()
-WHERE id = $1
 """
 
 # Primary key lookups.
@@ -320,6 +319,7 @@ class Board:
     def __init__(self, pool: asyncpg.Pool, settings: Settings):
         self.pool = pool
         self.settings = settings
+        self.jobs_added = 0  # since the last ANALYZE, by this process
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
@@ -487,6 +487,14 @@ class Board:
                 await self._raise_fenced(conn, job_id, lease_id)
             await notify_jobs(conn, 1)
 
+    async def refresh_statistics(self, threshold: int = 1000) -> None:
+        """A large fan-out between autovacuum's visits leaves the planner thinking the
+        queue is tiny, and the claim query then sorts the whole queue instead of walking
+        ix_jobs_claimable in order: refresh the statistics once many jobs arrived."""
+        if self.jobs_added >= threshold:
+            self.jobs_added = 0
+            await self.pool.execute("ANALYZE jobs")
+
     async def rescue_exhausted(self) -> int:
         """Jobs whose last lease expired are dead; their transcriptions fail."""
         buried = 0
@@ -527,19 +535,23 @@ class Board:
             self.settings.max_attempts,
         )
         await conn.execute(PLANNED, transcription_id, plan.duration_seconds, len(chunks))
+        self.jobs_added += len(chunks)
         if chunks:
             await notify_jobs(conn, len(chunks))
         else:  # nothing to transcribe: an empty transcript, done now
             await conn.execute(SUCCEED, transcription_id, transcripts.merge([], 0.0))
 
     async def _fan_in(self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript):
+        counts = await conn.fetchrow(
+            COUNT_DONE,
+            job["transcription_id"],
+            job["worker_id"],
+            result.audio_seconds,
+            result.processing_seconds,
+            result.cached,
+        )
         if result.cache_key and not result.cached:
             await conn.execute(CACHE_STORE, result.cache_key, cache_entry(result, job))
-        if job["worker_id"] is not None and not result.cached:
-            await conn.execute(
-                WORKER_STATS, job["worker_id"], result.audio_seconds, result.processing_seconds
-            )
-        counts = await conn.fetchrow(COUNT_DONE, job["transcription_id"], result.audio_seconds)
         if counts is None or counts["jobs_done"] < counts["jobs_total"]:
             return
         rows = await conn.fetch(CHUNK_RESULTS, job["transcription_id"])

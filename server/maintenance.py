@@ -46,6 +46,7 @@ async def poll(board: Board, doorbell: Doorbell, every_seconds: float) -> None:
     while True:
         await asyncio.sleep(every_seconds)
         try:
+            await board.refresh_statistics()
             if await board.rescue_exhausted():
                 log.info("jobs whose last lease expired were marked dead")
             if doorbell.waiting:

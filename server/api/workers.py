@@ -85,14 +85,21 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
         )
 
     rows = await claim_now()
-    while not rows and (remaining := deadline - loop.time()) > 0:
-        # The database is asked again only when rung. Wake every second anyway to
-        # notice a worker that hung up: nobody would receive what we claimed for it.
-        rung = await state.doorbell.wait(min(remaining, 1.0))
-        if await request.is_disconnected():
-            return ClaimResponse(jobs=[])
-        if rung:
-            rows = await claim_now()
+    if not rows and body.wait_seconds > 0:
+        # The body has been read, so receive() now returns only when the worker hangs
+        # up: then nobody would get what we claimed, so stop waiting.
+        hung_up = asyncio.ensure_future(request.receive())
+        try:
+            while not rows and (remaining := deadline - loop.time()) > 0:
+                rung = asyncio.ensure_future(state.doorbell.wait(remaining))
+                await asyncio.wait({rung, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+                if hung_up.done():
+                    rung.cancel()
+                    return ClaimResponse(jobs=[])
+                if rung.result():  # the database is asked again only when rung
+                    rows = await claim_now()
+        finally:
+            hung_up.cancel()
     base = state.settings.public_url or str(request.base_url).rstrip("/")
     return ClaimResponse(jobs=[claimed_job(row, base, state) for row in rows])
 

@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit
@@ -364,3 +365,15 @@ def test_cancel_and_failure_racing_completions_never_deadlock(server, keys, subm
         assert view["state"] in ("canceled", "failed")
     for w in workers:
         w.close()
+
+
+def test_a_long_poll_whose_worker_hung_up_claims_nothing(server, keys, submitter, worker):
+    with pytest.raises(httpx.ReadTimeout):  # the worker gives up on its long poll
+        worker.http.post(
+            "/v1/jobs/claim", json={"worker_id": worker.id, "wait_seconds": 20}, timeout=1
+        )
+    time.sleep(0.5)
+    tid = submit(submitter, b"x").json()["id"]
+    other = ProtocolWorker(server, keys["worker"], name="other")
+    [job] = other.claim(wait=5)  # not swallowed by the abandoned poll
+    assert job["transcription_id"] == tid
