@@ -37,6 +37,21 @@ def local_keys(settings: Settings) -> dict[str, str]:
     return keys
 
 
+def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Until the server at `url` answers /readyz; raises if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with status {server.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the server did not become ready at {url} within {timeout:g} s")
+
+
 @dataclass
 class LocalFarm:
     settings: Settings
@@ -50,17 +65,7 @@ class LocalFarm:
 
     def start_server(self, timeout: float = 60) -> None:
         self._spawn("server", "--host", self.host, "--port", str(self.port))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.processes[0].poll() is not None:
-                raise RuntimeError("the server exited; see its log above")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the server did not become ready at {self.url}")
+        wait_until_ready(self.url, self.processes[0], timeout)
 
     def start_workers(self, count: int, key: str, threads: int) -> None:
         for i in range(count):

@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 
 from server.board import init_connection
+from server.local import wait_until_ready
 from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
@@ -104,17 +105,10 @@ class Server:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log_path.read_text()[-4000:]}")
+        try:
+            wait_until_ready(self.url, self.process, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_path.read_text()[-4000:]}") from exc
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:
