@@ -57,7 +57,9 @@ class WorkerConfig:
     batch_size: int = 8
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     claim_audio_seconds: float = 120.0
-    claim_wait_seconds: float = 20.0
+    # Long polls: each costs the board one request; 50 s stays under the common 60 s
+    # idle timeout of proxies and load balancers.
+    claim_wait_seconds: float = 50.0
     exit_when_idle: float | None = None
     max_jobs: int | None = None
     grace_seconds: float = 30.0
