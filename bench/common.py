@@ -20,10 +20,11 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import jiwer
@@ -32,11 +33,14 @@ import psutil
 from tests.farm import Server, WorkerProcess, create_database, submit
 from tests.speech import MediaFactory, normalise_text
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 # Synthesized speech is named by content: kept between runs, made once.
 MEDIA_DIR = Path(tempfile.gettempdir()) / "scribefarm-bench-media"
 QUIET_LOAD = 0.7  # 1-minute load average under which the machine counts as quiet
+# Other processes' CPU (% of one core) above which a measured round is run again.
+OTHERS_LIMIT = 25.0
 COMPETING = re.compile(
     r"scribefarm (server|worker|up|demo)|/pytest(\s|$)|-m pytest|bench\.(board|farm|many_short)"
 )
@@ -113,6 +117,78 @@ def wait_until_quiet(timeout: float, enabled: bool = True) -> bool:
     return False
 
 
+class CpuWatch:
+    """CPU used by processes outside this benchmark (its own process tree and its farm's
+    PostgreSQL) while a round is measured: the load average cannot tell, since it
+    counts the benchmark's own work. Approximate, enough to spot a test run or another
+    benchmark that started meanwhile."""
+
+    def __init__(self, postgres_dir: Path | None = None) -> None:
+        self.postgres_dir = str(postgres_dir) if postgres_dir else None
+        self.percent = 0.0  # % of one core, after the block
+
+    def __enter__(self) -> CpuWatch:
+        self._start = (time.monotonic(), _busy_seconds(), self._mine())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        began, busy, mine = self._start
+        elapsed = max(time.monotonic() - began, 1e-6)
+        others = (_busy_seconds() - busy) - (self._mine() - mine)
+        self.percent = max(0.0, 100 * others / elapsed)
+
+    def _mine(self) -> float:
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+        if self.postgres_dir:
+            for proc in psutil.process_iter(["cmdline"]):
+                if self.postgres_dir in " ".join(proc.info["cmdline"] or []):
+                    procs.append(proc)
+        total = 0.0
+        for proc in {p.pid: p for p in procs}.values():
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+
+@dataclass
+class Disturbances:
+    """Other processes' CPU during each kept measurement, and the measurements run again."""
+
+    kept: list[float] = field(default_factory=list)  # % of one core
+    redone: list[str] = field(default_factory=list)
+
+    def measure(self, what: str, run: Callable[[], T], watch: CpuWatch, tries: int = 3) -> T:
+        """`run()`, again (up to `tries` in all) while other processes took more than
+        OTHERS_LIMIT of a core meanwhile: one disturbed run would skew a median of three."""
+        for attempt in range(1, tries + 1):
+            with watch:
+                value = run()
+            if watch.percent <= OTHERS_LIMIT or attempt == tries:
+                self.kept.append(watch.percent)
+                return value
+            self.redone.append(f"{what} ({watch.percent:.0f} %)")
+            log(f"other processes used {watch.percent:.0f} % of a core during {what}: again")
+        raise AssertionError("unreachable")
+
+    def text(self) -> str:
+        redone = "; ".join(self.redone) or "none"
+        return (
+            f"other processes' CPU during the kept measurements: at most "
+            f"{max(self.kept, default=0):.0f} % of one core (median "
+            f"{statistics.median(self.kept) if self.kept else 0:.0f} %); measurements run "
+            f"again because others took over {OTHERS_LIMIT:.0f} %: {redone}"
+        )
+
+
+def _busy_seconds() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 # --- media -------------------------------------------------------------------------
 
 
@@ -182,6 +258,9 @@ class Farm:
                     raise RuntimeError(f"worker {w.name} exited:\n{w.log[-3000:]}")
             time.sleep(0.2)
         raise TimeoutError(f"workers {names} did not register within {timeout} s")
+
+    def cpu_watch(self) -> CpuWatch:
+        return CpuWatch(self.root / "postgres")
 
     def worker_pids(self) -> dict[str, int]:
         return {w.name: w.process.pid for w in self.workers if w.process is not None}

@@ -28,6 +28,7 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from bench.common import (
     BREAKDOWN_HEADER,
+    Disturbances,
     Farm,
     Peaks,
     Phases,
@@ -125,6 +126,7 @@ class Results:
     farm: dict[Config, list[FarmRun]] = field(default_factory=dict)
     rss: Peaks = field(default_factory=dict)
     plan: list[tuple[float, float, int]] = field(default_factory=list)  # s, audio s, chunks
+    disturbances: Disturbances = field(default_factory=Disturbances)
 
 
 # --- the speech ----------------------------------------------------------------------
@@ -272,12 +274,17 @@ def one_round(
 ) -> None:
     """A direct run, then each farm setting: side by side, so drifts in the machine's
     load hit both alike."""
-    seconds, text = run_direct(pipeline, path)
+    measure = results.disturbances.measure
+    seconds, text = measure("a direct run", lambda: run_direct(pipeline, path), farm.cpu_watch())
     results.direct.setdefault(configs[0].shape, []).append(seconds)
     results.direct_wer = word_error_rate(reference, text)
     log(f"direct: {seconds:.2f} s, WER {results.direct_wer:.3f}")
     for config in configs:
-        run = run_farm(farm, path, config, reference, results)
+        run = measure(
+            f"a farm run [{config.label}]",
+            lambda c=config: run_farm(farm, path, c, reference, results),
+            farm.cpu_watch(),
+        )
         results.farm.setdefault(config, []).append(run)
         log(
             f"farm [{config.label}]: {run.seconds:.2f} s, WER {run.wer:.3f}, "
@@ -356,7 +363,7 @@ def memory_lines(results: Results) -> list[str]:
     _, audio, chunks = results.plan[0]
     loads = [f"{v:.1f}" for v in results.worker_load]
     return [
-        "### Start-up, memory, planner",
+        "### Start-up, memory, planner, other load",
         "",
         f"- model load: direct `WhisperModel(...)` {results.direct_load:.2f} s; worker "
         f"process start → registered (imports, model, registration) {', '.join(loads)} s",
@@ -365,6 +372,7 @@ def memory_lines(results: Results) -> list[str]:
         f"{seconds_list([p[0] for p in results.plan])} s, **{audio / seconds:.0f}× realtime**, "
         f"{chunks} chunks (ffmpeg decoding in its own process, the loudness envelope in "
         "Python; run twice after the farm stopped)",
+        f"- {results.disturbances.text()}",
     ]
 
 

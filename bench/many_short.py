@@ -29,6 +29,7 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from bench.common import (
     BREAKDOWN_HEADER,
+    Disturbances,
     Farm,
     Peaks,
     Phases,
@@ -126,6 +127,7 @@ class Results:
     wer: dict[str, float] = field(default_factory=dict)
     farm: dict[int, list[FarmRun]] = field(default_factory=dict)  # by --batch-size
     rss: Peaks = field(default_factory=dict)
+    disturbances: Disturbances = field(default_factory=Disturbances)
 
 
 # --- the clips -------------------------------------------------------------------------
@@ -317,15 +319,22 @@ def one_round(
     """Both loops, then the farm at each batch size: side by side, so drifts in the
     machine's load hit all alike."""
     reference = " ".join(c.text for c in clips)
+    measure = results.disturbances.measure
     for name, loop in loops.items():
-        seconds, text = loop(model, clips)
+        seconds, text = measure(
+            f"the {name} loop", lambda f=loop: f(model, clips), farm.cpu_watch()
+        )
         results.loops.setdefault(name, []).append(seconds)
         results.wer[name] = word_error_rate(reference, text)
         log(f"loop ({name}): {seconds:.2f} s, WER {results.wer[name]:.3f}")
     for size in sizes:
         if farm.batch_size != size:
             start_workers(farm, size, clips, results)
-        run = run_farm(farm, clips, size, results)
+        run = measure(
+            f"a farm run (--batch-size {size})",
+            lambda s=size: run_farm(farm, clips, s, results),
+            farm.cpu_watch(),
+        )
         results.farm.setdefault(size, []).append(run)
         log(f"farm (--batch-size {size}): {run.seconds:.2f} s, WER {run.wer:.3f}")
 
@@ -427,13 +436,14 @@ LOOP_LABELS = {
 def extra_lines(results: Results) -> list[str]:
     cached = sum(r.cached for runs in results.farm.values() for r in runs)
     return [
-        "### Start-up, memory, cache",
+        "### Start-up, memory, cache, other load",
         "",
         f"- model load: direct {results.direct_load:.2f} s; worker process start → "
         f"registered (imports, model, registration) "
         f"{', '.join(f'{v:.1f}' for v in results.worker_load)} s",
         f"- peak worker RSS over the farm runs (sampled every 0.1 s): {peaks_text(results.rss)}",
         f"- transcribe jobs answered from the chunk cache: {cached}",
+        f"- {results.disturbances.text()}",
     ]
 
 
