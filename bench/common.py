@@ -9,6 +9,7 @@ tests/speech.py, so the benchmarks drive the farm exactly as the integration tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -143,7 +144,8 @@ class CpuWatch:
         if self.postgres_dir:
             for proc in psutil.process_iter(["cmdline"]):
                 if self.postgres_dir in " ".join(proc.info["cmdline"] or []):
-                    procs.append(proc)
+                    with contextlib.suppress(psutil.Error):  # the postmaster and backends
+                        procs += [proc, *proc.children(recursive=True)]
         total = 0.0
         for proc in {p.pid: p for p in procs}.values():
             try:
