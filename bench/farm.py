@@ -388,10 +388,10 @@ def method_lines(results: Results) -> list[str]:
         "decoding the file included, segments consumed.",
         "- Farm: a real `scribefarm server` (embedded PostgreSQL) and two `scribefarm worker "
         "--threads 1` processes (for comparison also one `--threads 2` worker: the shape "
-        "`scribefarm up` picks on 2 cores), registered (model loaded) before the upload; time "
-        "from the upload's start to the transcription's `finished_at` on the board. The "
-        "chunk cache is emptied before every run, and the file is not periodic, so no chunk "
-        "is answered from it (the table counts any that were).",
+        "`scribefarm up` picked on 2 cores before f5118a1), registered (model loaded) before "
+        "the upload; time from the upload's start to the transcription's `finished_at` on "
+        "the board. The chunk cache is emptied before every run, and the file is not "
+        "periodic, so no chunk is answered from it (the table counts any that were).",
         "- Both sides transcribe one short clip first (warm-up); direct and farm runs "
         "alternate in one process, so both see the same machine.",
         "- Phases come from the board's rows: the transcription's `created_at`/"
