@@ -17,9 +17,7 @@ import contextlib
 import importlib.util
 import math
 import os
-import platform
 import random
-import re
 import shutil
 import signal
 import ssl
@@ -30,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +37,7 @@ import asyncpg
 import httpx
 import psutil
 
+from bench import common
 from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from server.settings import Settings
 from tests.farm import free_port, with_database
@@ -802,7 +801,7 @@ async def run(opts: Options) -> Report:
                 print(progress(row), flush=True)
                 report.rows.append(row)
         await run_peer(board.admin_url, report)
-    report.machine["load_end"] = load_average()
+    report.machine["load_end"] = common.load_average()
     return report
 
 
@@ -841,32 +840,9 @@ def progress(row: Throughput) -> str:
 
 
 def machine_info() -> dict[str, str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "cpus": str(os.cpu_count()),
-        "cpu": model.group(1).strip() if model else platform.processor() or "unknown",
-        "ram": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "python": platform.python_version(),
-        "load": load_average(),
-    }
-
-
-def load_average() -> str:
-    """Other work on the machine takes cores from the board: worth knowing."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "server", "migrations")
-    return commit + (" (with uncommitted server changes)" if dirty else "")
+    """The shared machine description, plus the load average: other work on the machine
+    takes cores from the board."""
+    return {**common.machine_info(), "load": common.load_average()}
 
 
 # --- the report ----------------------------------------------------------------------------
