@@ -10,13 +10,14 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from server import db, errors, maintenance
+from server import db, errors, maintenance, webhooks
 from server.api import health, media, transcriptions, workers
+from server.api import webhooks as webhooks_api
 from server.auth import KeyCache, RoleCheck
 from server.board import Board, init_connection
 from server.doorbell import Doorbell
 from server.settings import Settings
-from server.storage import LocalStorage
+from server.storage import LocalStorage, open_storage
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -27,14 +28,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = db.database_url(settings)
         await asyncio.to_thread(db.migrate, url)
         pool = await db.create_pool(url, settings.db_pool_size, init_connection)
-        app.state.board = Board(pool, settings)
+        app.state.board = Board(pool, settings, app.state.storage)
         app.state.doorbell = Doorbell()
         background = [
             asyncio.create_task(maintenance.listen(url, app.state.doorbell, settings.poll_seconds)),
             asyncio.create_task(
                 maintenance.poll(app.state.board, app.state.doorbell, settings.poll_seconds)
             ),
+            asyncio.create_task(webhooks.WebhookSender(pool, settings).run(url)),
         ]
+        if settings.retention_days:
+            max_age = settings.retention_days * 86400
+            expire = maintenance.expire(app.state.board, app.state.storage, max_age)
+            background.append(asyncio.create_task(expire))
         try:
             yield
         finally:
@@ -50,10 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.storage = LocalStorage(settings.storage_dir, settings.signing_secret)
+    app.state.storage = open_storage(settings)
     app.state.keys = KeyCache()
     errors.install(app)
-    routers = [module.router for module in (transcriptions, workers, media, health)]
+    # /v1/media serves the local backend only; with S3, workers read presigned URLs.
+    local = isinstance(app.state.storage, LocalStorage)
+    modules = (transcriptions, webhooks_api, workers, media, health)
+    served = [m for m in modules if local or m is not media]
+    routers = [module.router for module in served]
     for router in routers:
         app.include_router(router)
     app.openapi = lambda: openapi_with_roles(app, routers)

@@ -11,6 +11,7 @@ then jobs, then workers. Claims never wait on a job or transcription (SKIP LOCKE
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from server import transcripts
 from server.errors import ApiError
 from server.protocol import CachedChunk, ChunkPlan, ChunkTranscript
 from server.settings import Settings
+from server.storage import Storage
 
 JOBS_CHANNEL = "scribefarm_jobs"
 
@@ -75,7 +77,7 @@ WITH worker AS (
         FOR UPDATE SKIP LOCKED
     )
 )
-SELECT c.*, t.source_key, t.options
+SELECT c.*, t.source_key, t.source_url, t.options
 FROM worker
 LEFT JOIN (claimed c JOIN transcriptions t ON t.id = c.transcription_id) ON true
 """
@@ -197,10 +199,27 @@ WHERE transcription_id = $1 AND kind = 'transcribe'
 ORDER BY seq
 """
 
-# Primary key lookup.
+# Primary key lookup: what the transcript document says about its transcription.
+DOCUMENT_HEADER = """
+SELECT id, model, options, created_at, started_at, now() AS finished_at
+FROM transcriptions WHERE id = $1
+"""
+
+# Primary key lookup. The document is in the row ($2), or in storage under $3 with its
+# size and checksum, never both.
 SUCCEED = """
-UPDATE transcriptions SET state = 'succeeded', transcript = $2, finished_at = now()
+UPDATE transcriptions
+SET state = 'succeeded', transcript = $2, transcript_key = $3, transcript_bytes = $4,
+    transcript_sha256 = $5, finished_at = now()
 WHERE id = $1 AND state = 'running'
+"""
+
+# Uses ix_transcriptions_dedup.
+FIND_DUPLICATE = """
+SELECT id, transcript, transcript_key, duration_seconds FROM transcriptions
+WHERE dedup_key = $1 AND state = 'succeeded'
+ORDER BY finished_at DESC
+LIMIT 1
 """
 
 # Primary key lookups.
@@ -256,14 +275,45 @@ SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM requeued
 
 INSERT_TRANSCRIPTION = """
 WITH t AS (
-    INSERT INTO transcriptions (id, api_key_id, state, filename, source_key, source_bytes,
-                                options, model, priority)
-    VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8)
+    INSERT INTO transcriptions (id, api_key_id, state, filename, source_key, source_url,
+                                source_bytes, options, model, priority, dedup_key)
+    VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10)
     RETURNING id, model, priority, created_at
 )
 INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
                   max_attempts)
-SELECT id, 'chunk', 'queued', 0, NULL, priority, created_at, $9 FROM t
+SELECT id, 'chunk', 'queued', 0, NULL, priority, created_at, $11 FROM t
+"""
+
+# A resubmission of a finished transcript: no jobs, it succeeds in the same
+# transaction (SUCCEED), so it notifies like any other.
+INSERT_DUPLICATE = """
+INSERT INTO transcriptions (id, api_key_id, state, filename, source_key, source_url,
+                            source_bytes, options, model, priority, dedup_key,
+                            duration_seconds, audio_seconds_done, started_at)
+VALUES ($1, $2, 'running', $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, now())
+"""
+
+# Primary key lookup, under the transcription's lock (cancel first).
+DELETE_TRANSCRIPTION = """
+DELETE FROM transcriptions WHERE id = $1
+RETURNING source_key, transcript_key
+"""
+
+# Uses ix_transcriptions_finished; SKIP LOCKED lets servers share the work.
+EXPIRE_TRANSCRIPTIONS = """
+DELETE FROM transcriptions WHERE id IN (
+    SELECT id FROM transcriptions
+    WHERE finished_at IS NOT NULL AND finished_at < now() - make_interval(secs => $1)
+    LIMIT 100
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING source_key, transcript_key
+"""
+
+# Sequential scan of a table holding one row per distinct chunk: run rarely.
+EXPIRE_CHUNK_CACHE = """
+DELETE FROM chunk_cache WHERE created_at < now() - make_interval(secs => $1)
 """
 
 TRANSCRIPTION_COLUMNS = """
@@ -290,7 +340,8 @@ LIMIT $5
 
 # Primary key lookup.
 GET_TRANSCRIPT = """
-SELECT state, transcript FROM transcriptions
+SELECT id, state, transcript, transcript_key, transcript_bytes, transcript_sha256
+FROM transcriptions
 WHERE id = $1 AND ($2::uuid IS NULL OR api_key_id = $2)
 """
 
@@ -316,9 +367,10 @@ RETURNING id
 class Board:
     """Claims, leases and the transcription life cycle, over one connection pool."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings):
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, storage: Storage | None = None):
         self.pool = pool
         self.settings = settings
+        self.storage = storage  # for transcripts over settings.inline_result_bytes
         self.jobs_added = 0  # since the last ANALYZE, by this process
 
     async def ping(self) -> None:
@@ -332,25 +384,31 @@ class Board:
         owner: UUID,
         transcription_id: UUID,
         filename: str | None,
-        source_key: str,
-        source_bytes: int,
+        source_key: str | None,
+        source_url: str | None,
+        source_bytes: int | None,
         options: dict[str, Any],
         model: str,
+        dedup_key: str | None,
     ) -> None:
+        """Queues the transcription's chunk job, or, when the same audio with the same
+        options already succeeded (and dedup is on), finishes it at once with that
+        transcript."""
+        row = (transcription_id, owner, filename, source_key, source_url, source_bytes)
+        row += (options, model, options.get("priority", 0), dedup_key)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                INSERT_TRANSCRIPTION,
-                transcription_id,
-                owner,
-                filename,
-                source_key,
-                source_bytes,
-                options,
-                model,
-                options.get("priority", 0),
-                self.settings.max_attempts,
+            original = None
+            if dedup_key and self.settings.dedup:
+                original = await conn.fetchrow(FIND_DUPLICATE, dedup_key)
+            if original is None:
+                await conn.execute(INSERT_TRANSCRIPTION, *row, self.settings.max_attempts)
+                await notify_jobs(conn, 1)
+                return
+            await conn.execute(INSERT_DUPLICATE, *row, original["duration_seconds"])
+            merged = transcripts.merged_part(await self.document(original))
+            await self._succeed(
+                conn, transcription_id, merged, {"deduplicated_from": original["id"]}
             )
-            await notify_jobs(conn, 1)
 
     async def get(self, transcription_id: UUID, owner: UUID | None) -> asyncpg.Record:
         row = await self.pool.fetchrow(GET_TRANSCRIPTION, transcription_id, owner)
@@ -368,7 +426,8 @@ class Board:
         created, last_id = after or (None, None)
         return await self.pool.fetch(LIST_TRANSCRIPTIONS, owner, state, created, last_id, limit)
 
-    async def transcript(self, transcription_id: UUID, owner: UUID | None) -> dict[str, Any]:
+    async def transcript(self, transcription_id: UUID, owner: UUID | None) -> asyncpg.Record:
+        """The finished transcript's row: the document itself, or its storage key."""
         row = await self.pool.fetchrow(GET_TRANSCRIPT, transcription_id, owner)
         if row is None:
             raise not_found(transcription_id)
@@ -379,7 +438,35 @@ class Board:
                 f"transcription {transcription_id} is {row['state']}; "
                 "its transcript is available once it has succeeded",
             )
-        return row["transcript"]
+        return row
+
+    async def transcript_document(self, transcription_id: UUID, owner: UUID | None):
+        return await self.document(await self.transcript(transcription_id, owner))
+
+    async def document(self, row: asyncpg.Record) -> dict[str, Any]:
+        """A transcript document from its row, read from storage when it was too large."""
+        if row["transcript_key"] is None:
+            return row["transcript"]
+        body = b"".join([chunk async for chunk in self.storage.read(row["transcript_key"])])
+        return json.loads(body)
+
+    async def delete(self, transcription_id: UUID, owner: UUID | None) -> list[str]:
+        """Cancels and deletes a transcription with its jobs and webhook deliveries;
+        returns the storage keys of its objects, for the caller to delete."""
+        await self.get(transcription_id, owner)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
+            await conn.fetchval(CANCEL_TRANSCRIPTION, transcription_id)
+            row = await conn.fetchrow(DELETE_TRANSCRIPTION, transcription_id)
+        return object_keys([row] if row else [])
+
+    async def expire(self, max_age_seconds: float) -> list[str]:
+        """Deletes finished transcriptions (and cached chunks) older than the retention;
+        returns the storage keys of their objects, for the caller to delete."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(EXPIRE_TRANSCRIPTIONS, max_age_seconds)
+            await conn.execute(EXPIRE_CHUNK_CACHE, max_age_seconds)
+        return object_keys(rows)
 
     async def cancel(self, transcription_id: UUID, owner: UUID | None) -> None:
         row = await self.get(transcription_id, owner)
@@ -539,7 +626,7 @@ class Board:
         if chunks:
             await notify_jobs(conn, len(chunks))
         else:  # nothing to transcribe: an empty transcript, done now
-            await conn.execute(SUCCEED, transcription_id, transcripts.merge([], 0.0))
+            await self._succeed(conn, transcription_id, transcripts.merge([], 0.0))
 
     async def _fan_in(self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript):
         counts = await conn.fetchrow(
@@ -556,8 +643,29 @@ class Board:
             return
         rows = await conn.fetch(CHUNK_RESULTS, job["transcription_id"])
         chunks = [(r["start_seconds"], r["end_seconds"], r["result"]) for r in rows]
-        transcript = transcripts.merge(chunks, counts["duration_seconds"])
-        await conn.execute(SUCCEED, job["transcription_id"], transcript)
+        merged = transcripts.merge(chunks, counts["duration_seconds"])
+        await self._succeed(conn, job["transcription_id"], merged)
+
+    async def _succeed(
+        self,
+        conn: asyncpg.Connection,
+        transcription_id: UUID,
+        merged: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Stores the transcript document: in the row up to the inline limit, else as
+        an object (written before the commit, under a key only this transcription
+        uses, so a rolled-back attempt is overwritten by the next)."""
+        header = await conn.fetchrow(DOCUMENT_HEADER, transcription_id)
+        document = transcripts.document(header, merged, extra or {})
+        body = transcripts.document_bytes(document)
+        if len(body) <= self.settings.inline_result_bytes:
+            await conn.execute(SUCCEED, transcription_id, document, None, None, None)
+            return
+        key = f"transcripts/{transcription_id}.json"
+        await self.storage.put(key, body)
+        digest = hashlib.sha256(body).hexdigest()
+        await conn.execute(SUCCEED, transcription_id, None, key, len(body), digest)
 
     # --- fencing ------------------------------------------------------------
 
@@ -603,6 +711,10 @@ def cache_entry(result: ChunkTranscript, job: asyncpg.Record) -> dict[str, Any]:
         language=result.language,
         language_probability=result.language_probability,
     ).model_dump(mode="json")
+
+
+def object_keys(rows: list[asyncpg.Record]) -> list[str]:
+    return [key for row in rows for key in (row["source_key"], row["transcript_key"]) if key]
 
 
 def not_found(transcription_id: UUID) -> ApiError:

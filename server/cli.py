@@ -71,6 +71,13 @@ def worker(
         typer.Option(envvar="SCRIBEFARM_EXIT_WHEN_IDLE", help="Exit after this many idle seconds."),
     ] = None,
     max_jobs: Annotated[int | None, typer.Option(envvar="SCRIBEFARM_MAX_JOBS", min=1)] = None,
+    url_allowlist: Annotated[
+        str,
+        typer.Option(
+            envvar="SCRIBEFARM_URL_ALLOWLIST",
+            help="Private networks or hosts URL sources may use, comma-separated.",
+        ),
+    ] = "",
 ) -> None:
     """Pull jobs from a board and run them until stopped (SIGTERM: finish, then exit 0)."""
     from server import logs
@@ -87,6 +94,7 @@ def worker(
         batch_size=batch_size,
         exit_when_idle=exit_when_idle,
         max_jobs=max_jobs,
+        url_allowlist=tuple(entry for entry in url_allowlist.split(",") if entry.strip()),
     )
     if name:
         config.name = name
@@ -227,6 +235,14 @@ def migrate() -> None:
 
     db.migrate(db.database_url(Settings()))
     typer.echo("the board's schema is up to date")
+
+
+@app.command("webhook-secret")
+def webhook_secret() -> None:
+    """Print the secret that signs webhooks, for receivers to verify them (docs/webhooks.md)."""
+    from server.settings import Settings
+
+    typer.echo(Settings().webhook_signing_secret.decode())
 
 
 @keys_app.command("create")

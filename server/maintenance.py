@@ -1,5 +1,5 @@
 """Background duties of every server process: listen for new work, wake long-polling
-claims, and rescue jobs whose last lease expired."""
+claims, rescue jobs whose last lease expired, and expire old transcriptions."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import asyncpg
 
 from server.board import JOBS_CHANNEL, Board
 from server.doorbell import Doorbell
+from server.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +54,17 @@ async def poll(board: Board, doorbell: Doorbell, every_seconds: float) -> None:
                 doorbell.ring(await board.count_claimable(doorbell.waiting))
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("board poll failed, trying again: %s", exc)
+
+
+async def expire(board: Board, storage: Storage, max_age_seconds: float) -> None:
+    """Retention (SCRIBEFARM_RETENTION_DAYS): deletes finished transcriptions older than
+    it, with their stored objects, a batch at a time."""
+    every_seconds = min(600.0, max(1.0, max_age_seconds / 10))
+    while True:
+        try:
+            while keys := await board.expire(max_age_seconds):
+                for key in keys:
+                    await storage.delete(key)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("retention pass failed, trying again later: %s", exc)
+        await asyncio.sleep(every_seconds)

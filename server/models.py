@@ -65,14 +65,32 @@ class Transcription(SQLModel, table=True):
         # Listing: newest first, optionally per owner and state.
         Index("ix_transcriptions_owner_created", "api_key_id", "created_at", "id"),
         Index("ix_transcriptions_created", "created_at", "id"),
+        CheckConstraint("(source_key IS NULL) <> (source_url IS NULL)", name="one_source"),
+        # Deduplication finds a finished transcript of the same audio and options.
+        Index(
+            "ix_transcriptions_dedup",
+            "dedup_key",
+            postgresql_where=text("state = 'succeeded' AND dedup_key IS NOT NULL"),
+        ),
+        # Retention finds finished transcriptions by age.
+        Index(
+            "ix_transcriptions_finished",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
     )
 
     id: UUID = Field(primary_key=True)
     api_key_id: UUID = Field(foreign_key="api_keys.id")
     state: str = Field(default="queued")
     filename: str | None = None
-    source_key: str
-    source_bytes: int = Field(sa_type=BigInteger)
+    # Exactly one source: an object in storage (uploads) or a URL workers read directly.
+    source_key: str | None = None
+    source_url: str | None = None
+    source_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    # sha256 of the source audio and the options that change the transcript: a
+    # resubmission with the same key reuses a finished transcript (deduplication).
+    dedup_key: str | None = None
     options: dict[str, Any] = jsonb(nullable=False)
     model: str
     priority: int = 0
@@ -80,7 +98,12 @@ class Transcription(SQLModel, table=True):
     jobs_total: int = counter()
     jobs_done: int = counter()
     audio_seconds_done: float = counter(Float)
+    # The transcript stays in the row up to SCRIBEFARM_INLINE_RESULT_BYTES; a larger one
+    # lives in storage under transcript_key and the row keeps its size and checksum.
     transcript: dict[str, Any] | None = jsonb()
+    transcript_key: str | None = None
+    transcript_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    transcript_sha256: str | None = None
     error: str | None = None
     created_at: datetime = timestamp(nullable=False, default_now=True)
     started_at: datetime | None = timestamp()
@@ -164,3 +187,37 @@ class Worker(SQLModel, table=True):
     jobs_done: int = counter()
     audio_seconds: float = counter(Float)
     busy_seconds: float = counter(Float)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One webhook notification of a finished transcription (an outbox row, written by
+    a trigger in the transaction that finishes it) and its delivery attempts."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state_known"),
+        # The sender picks due deliveries without walking delivered ones.
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_transcription", "transcription_id", "created_at"),
+    )
+
+    id: UUID = Field(
+        primary_key=True, sa_column_kwargs={"server_default": text("gen_random_uuid()")}
+    )
+    transcription_id: UUID = Field(foreign_key="transcriptions.id", ondelete="CASCADE")
+    url: str
+    status: str = Field(description="The transcription state it announces.")
+    state: str = Field(default="pending", sa_column_kwargs={"server_default": "pending"})
+    attempts: int = counter()
+    # Each attempt: {"at", "status_code", "error", "milliseconds"}.
+    history: list[dict[str, Any]] = Field(
+        default_factory=list,
+        sa_column=Column(JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    )
+    next_attempt_at: datetime = timestamp(nullable=False, default_now=True)
+    created_at: datetime = timestamp(nullable=False, default_now=True)
+    delivered_at: datetime | None = timestamp()

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 
 JobKind = Literal["chunk", "transcribe"]
@@ -189,6 +189,11 @@ class ClaimedJob(BaseModel):
     attempt: int
     transcription_id: UUID
     source_url: str = Field(description="Signed, time-limited URL of the source media.")
+    source_is_external: bool = Field(
+        default=False,
+        description="The user's own URL, not the board's storage: the worker checks it (and "
+        "every redirect) against its address allow-list before reading.",
+    )
     options: TranscriptionOptions
     model: str
     chunk: ChunkSpan | None = Field(default=None, description="A transcribe job's range.")

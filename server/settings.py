@@ -9,9 +9,12 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.urlguard import Allowlist
 
 
 def default_data_dir() -> Path:
@@ -52,6 +55,64 @@ class Settings(BaseSettings):
     signed_url_seconds: float = 6 * 3600.0
     db_pool_size: int = 20
 
+    # Object storage: a local directory under data_dir unless a bucket is named.
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "SCRIBEFARM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+        ),
+    )
+    s3_region: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCRIBEFARM_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    )
+    s3_access_key_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCRIBEFARM_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+    )
+    s3_secret_access_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCRIBEFARM_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    )
+    inline_result_bytes: int = Field(
+        default=256 * 1024, ge=0, description="Larger transcripts go to object storage."
+    )
+    retention_days: float | None = Field(
+        default=None, gt=0, description="Delete finished transcriptions this old; never when unset."
+    )
+    dedup: bool = True
+
+    # Outbound requests (URL sources, webhooks) may not reach private addresses unless
+    # listed here: IP networks ("10.0.0.0/8") or host names.
+    url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_secret: str | None = Field(
+        default=None,
+        description="Signs webhooks; generated into the data directory when unset.",
+    )
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_hours: float = 24.0
+    webhook_retry_base_seconds: float = Field(
+        default=10.0, gt=0, description="First webhook retry delay; doubles, with jitter."
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest delay between webhook attempts."
+    )
+    openai_wait_seconds: float = Field(
+        default=3600.0, description="How long /v1/audio/transcriptions waits for its result."
+    )
+
+    @field_validator("url_allowlist", mode="before")
+    @classmethod
+    def comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [entry.strip() for entry in value.split(",") if entry.strip()]
+        return value
+
+    @cached_property
+    def allowlist(self) -> Allowlist:
+        return Allowlist.parse(self.url_allowlist)
+
     @property
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"
@@ -62,9 +123,15 @@ class Settings(BaseSettings):
 
     @cached_property
     def signing_secret(self) -> bytes:
-        if self.signing_key:
-            return self.signing_key.encode()
-        path = self.data_dir / "signing.key"
+        return (self.signing_key or self.secret_file("signing.key")).encode()
+
+    @cached_property
+    def webhook_signing_secret(self) -> bytes:
+        return (self.webhook_secret or self.secret_file("webhook.key")).encode()
+
+    def secret_file(self, name: str) -> str:
+        """A random secret kept in the data directory, created on first use."""
+        path = self.data_dir / name
         if not path.exists():
             # Write then rename, so a concurrent process never reads a half-written key.
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,4 +145,4 @@ class Settings(BaseSettings):
                 pass
             finally:
                 tmp.unlink()
-        return path.read_text().strip().encode()
+        return path.read_text().strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -36,6 +37,33 @@ def merge(chunks: list[tuple[float, float, dict[str, Any]]], duration: float) ->
         "text": " ".join(s["text"] for s in segments),
         "segments": segments,
     }
+
+
+MERGED_KEYS = ("duration_seconds", "language", "text", "segments")
+TIMINGS = {"submitted_at": "created_at", "started_at": "started_at", "finished_at": "finished_at"}
+
+
+def merged_part(document: dict[str, Any]) -> dict[str, Any]:
+    """What merge() produced, out of a finished document (to reuse it elsewhere)."""
+    return {key: document[key] for key in MERGED_KEYS}
+
+
+def document(header: Any, merged: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The transcript as stored and served as `json`: the merge, which transcription,
+    model and options produced it, and how long it took."""
+    # Fixed-width times: a document's size does not depend on when it was made.
+    timings = {
+        name: header[column].isoformat(timespec="milliseconds") if header[column] else None
+        for name, column in TIMINGS.items()
+    }
+    extra = {key: str(value) for key, value in extra.items()}
+    head = {"id": str(header["id"]), "model": header["model"], "options": header["options"]}
+    return {**head, **merged, "timings": timings, **extra}
+
+
+def document_bytes(document: dict[str, Any]) -> bytes:
+    """The document's serialised form: its size decides where it is stored."""
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def render(transcript: dict[str, Any], fmt: str) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.farm import Server, create_database
+from tests.farm import Server, create_database, free_port
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +61,63 @@ def media(tmp_path_factory: pytest.TempPathFactory):
     from tests.speech import shared_media
 
     return shared_media(tmp_path_factory)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """An empty bucket on a real S3 API server on loopback, and how to reach it."""
+
+    endpoint_url: str
+    bucket: str
+    region: str = "us-east-1"
+    access_key_id: str = "test-access-key"
+    secret_access_key: str = "test-secret-key"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that points a server process (or Settings()) at the bucket."""
+        return {
+            "SCRIBEFARM_S3_BUCKET": self.bucket,
+            "SCRIBEFARM_S3_ENDPOINT_URL": self.endpoint_url,
+            "SCRIBEFARM_S3_REGION": self.region,
+            "SCRIBEFARM_S3_ACCESS_KEY_ID": self.access_key_id,
+            "SCRIBEFARM_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The same, as keyword arguments for `make_server`."""
+        return {k.removeprefix("SCRIBEFARM_").lower(): v for k, v in self.env.items()}
+
+    def client(self):  # -> botocore S3 client
+        """A boto3 client for the bucket (moto brings boto3), for setup and checks."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 in server mode: a real S3 HTTP API (multipart uploads, presigned GETs,
+    Range) on a loopback port, shared by the session; every test gets its own bucket."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    yield f"http://127.0.0.1:{port}"
+    moto.stop()
+
+
+@pytest.fixture
+def s3_server(moto_endpoint: str) -> S3Server:
+    """A fresh, empty bucket on the loopback S3 server."""
+    s3 = S3Server(moto_endpoint, f"scribefarm-{uuid.uuid4().hex[:12]}")
+    s3.client().create_bucket(Bucket=s3.bucket)
+    return s3

@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from server import urlguard
 from server.protocol import CachedChunk, ChunkTranscript, ClaimedJob, WorkerCapabilities
 from worker.audio import MediaError, read_range
 from worker.chunking import plan_source
@@ -63,6 +64,8 @@ class WorkerConfig:
     exit_when_idle: float | None = None
     max_jobs: int | None = None
     grace_seconds: float = 30.0
+    # Private addresses users' URL sources may point at (see server/urlguard.py).
+    url_allowlist: tuple[str, ...] = ()
 
 
 class Worker:
@@ -157,8 +160,9 @@ class Worker:
 
     async def _chunk(self, job: ClaimedJob) -> None:
         try:
+            source = await self._source(job)
             plan = await asyncio.to_thread(
-                plan_source, job.source_url, job.chunk_target_seconds, job.chunk_max_seconds
+                plan_source, source, job.chunk_target_seconds, job.chunk_max_seconds
             )
         except MediaError as exc:
             await self._fail(job, exc.reason, exc.permanent)
@@ -174,9 +178,8 @@ class Worker:
         for job in jobs:
             assert job.chunk is not None
             try:
-                audio = await asyncio.to_thread(
-                    read_range, job.source_url, job.chunk.start, job.chunk.end
-                )
+                source = await self._source(job)
+                audio = await asyncio.to_thread(read_range, source, job.chunk.start, job.chunk.end)
             except MediaError as exc:
                 await self._fail(job, exc.reason, exc.permanent)
                 continue
@@ -187,6 +190,18 @@ class Worker:
             if key in cached:
                 await self._finish(job, reuse(job, cached[key], key))
         await self._run_engine([entry for entry in inputs if entry[2] not in cached])
+
+    async def _source(self, job: ClaimedJob) -> str:
+        """The URL to read: a user's URL only once it and its redirects are checked."""
+        if not job.source_is_external:
+            return job.source_url
+        allowlist = urlguard.Allowlist.parse(self.config.url_allowlist)
+        try:
+            return await asyncio.to_thread(urlguard.final_url, job.source_url, allowlist)
+        except urlguard.UrlRefused as exc:
+            raise MediaError(f"the source URL is refused: {exc}", permanent=True) from exc
+        except urlguard.UrlUnreachable as exc:
+            raise MediaError(f"the source URL is unreachable: {exc}", permanent=False) from exc
 
     async def _cached(self, keys: list[str]) -> dict[str, CachedChunk]:
         if not keys:

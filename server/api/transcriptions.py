@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Field, HttpUrl, ValidationError
 
-from server import transcripts
+from server import transcripts, urlguard
 from server.auth import Caller, allow
 from server.errors import ApiError, describe_validation
 from server.protocol import (
@@ -29,75 +34,152 @@ router = APIRouter(prefix="/v1/transcriptions", tags=["transcriptions"])
 Submitter = Annotated[Caller, allow("submit", "admin")]
 
 
-def upload_schema() -> dict[str, Any]:
-    """The multipart body, documented by hand: the handler streams it itself."""
+def submission_schema() -> dict[str, Any]:
+    """Two ways to submit, documented by hand: the handler reads the body itself."""
     options = TranscriptionOptions.model_json_schema()
-    properties = {"file": {"type": "string", "format": "binary"}, **options["properties"]}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": properties,
-                        "additionalProperties": False,
-                    }
-                }
-            },
-        }
+    upload = {"file": {"type": "string", "format": "binary"}, **options["properties"]}
+    from_url = {"url": UrlSource.model_json_schema()["properties"]["url"], **options["properties"]}
+
+    def body(properties: dict[str, Any], required: str) -> dict[str, Any]:
+        schema = {"type": "object", "required": [required], "properties": properties}
+        return {"schema": {**schema, "additionalProperties": False}}
+
+    content = {
+        "multipart/form-data": body(upload, "file"),
+        "application/json": body(from_url, "url"),
     }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+class UrlSource(TranscriptionOptions):
+    url: HttpUrl = Field(description="http(s) URL workers read the media from (range requests).")
 
 
 @router.post(
     "",
     status_code=201,
     response_model=Transcription,
-    openapi_extra=upload_schema(),
-    summary="Submit an audio or video file (multipart field 'file' plus options)",
+    openapi_extra=submission_schema(),
+    summary="Submit an audio or video file (multipart 'file' plus options) or a URL (JSON)",
 )
 async def submit(request: Request, caller: Submitter) -> Transcription:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip() == "application/json":
+        row = await submit_url(request, caller)
+    else:
+        row = await submit_upload(request, caller)
+    return transcription_view(row)
+
+
+async def submit_upload(
+    request: Request,
+    caller: Caller,
+    read_options: Callable[[dict[str, str]], TranscriptionOptions] | None = None,
+) -> Any:
+    """Streams the multipart `file` to storage and queues its transcription; returns its
+    row. `read_options` turns the other form fields into options (ours by default)."""
     state = request.app.state
     transcription_id = uuid4()
     key = f"sources/{transcription_id}"
-    upload = Upload()
-    limit = state.settings.max_upload_bytes
-    size = await state.storage.write(key, file_stream(request, upload, "file", limit))
+    upload, digest = Upload(), hashlib.sha256()
+    stream = file_stream(request, upload, "file", state.settings.max_upload_bytes)
+    size = await state.storage.write(key, hashing(stream, digest))
     try:
-        options = validate_upload(upload, size, state.settings.max_chunk_seconds)
+        if upload.file_parts != 1:
+            raise ApiError(422, "file_required", "send exactly one multipart field named 'file'")
+        if size == 0:
+            raise ApiError(422, "empty_file", "the uploaded file is empty")
+        options = (read_options or parse_options)(upload.fields)
+        await check_options(request, options)
+        model = options.model or state.settings.default_model
         await state.board.submit(
             owner=caller.key_id,
             transcription_id=transcription_id,
             filename=upload.filename,
             source_key=key,
+            source_url=None,
             source_bytes=size,
             options=options.model_dump(mode="json"),
-            model=options.model or state.settings.default_model,
+            model=model,
+            dedup_key=dedup_key(digest.hexdigest(), options, model),
         )
     except BaseException:
         await state.storage.delete(key)
         raise
-    return transcription_view(await state.board.get(transcription_id, None))
+    return await state.board.get(transcription_id, None)
 
 
-def validate_upload(upload: Upload, size: int, max_chunk_seconds: float) -> TranscriptionOptions:
-    if upload.file_parts != 1:
-        raise ApiError(422, "file_required", "send exactly one multipart field named 'file'")
-    if size == 0:
-        raise ApiError(422, "empty_file", "the uploaded file is empty")
+async def submit_url(request: Request, caller: Caller) -> Any:
+    """Queues a transcription of media at a URL; workers read it from there."""
+    state = request.app.state
     try:
-        options = TranscriptionOptions.model_validate(upload.fields)
+        source = UrlSource.model_validate_json(await request.body())
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
-    if (options.target_chunk_seconds or 0) > max_chunk_seconds:
+    await check_options(request, source)
+    url = str(source.url)
+    await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
+    options = TranscriptionOptions.model_validate(source.model_dump(exclude={"url"}))
+    transcription_id = uuid4()
+    await state.board.submit(
+        owner=caller.key_id,
+        transcription_id=transcription_id,
+        filename=urlsplit(url).path.rsplit("/", 1)[-1] or None,
+        source_key=None,
+        source_url=url,
+        source_bytes=None,
+        options=options.model_dump(mode="json"),
+        model=options.model or state.settings.default_model,
+        dedup_key=None,  # the content behind a URL can change
+    )
+    return await state.board.get(transcription_id, None)
+
+
+def parse_options(fields: dict[str, str]) -> TranscriptionOptions:
+    try:
+        return TranscriptionOptions.model_validate(fields)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
+
+
+async def check_options(request: Request, options: TranscriptionOptions) -> None:
+    settings = request.app.state.settings
+    if (options.target_chunk_seconds or 0) > settings.max_chunk_seconds:
         raise ApiError(
             422,
             "invalid_request",
-            f"target_chunk_seconds: at most {max_chunk_seconds:g} on this board "
+            f"target_chunk_seconds: at most {settings.max_chunk_seconds:g} on this board "
             "(SCRIBEFARM_MAX_CHUNK_SECONDS)",
         )
-    return options
+    if options.webhook_url is not None:
+        await guarded(
+            urlguard.check_url, str(options.webhook_url), settings.allowlist, "webhook_url"
+        )
+
+
+async def guarded(check: Callable[..., Any], url: str, allowlist: Any, field: str) -> None:
+    """Runs a urlguard check (DNS and HTTP: off the event loop); its refusal is a 422."""
+    try:
+        await asyncio.to_thread(check, url, allowlist)
+    except urlguard.UrlRefused as exc:
+        raise ApiError(422, "url_refused", f"{field}: {exc}") from exc
+    except urlguard.UrlUnreachable as exc:
+        raise ApiError(422, "url_unreachable", f"{field}: {exc}") from exc
+
+
+async def hashing(chunks: AsyncIterator[bytes], digest: Any) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
+def dedup_key(source_sha256: str, options: TranscriptionOptions, model: str) -> str:
+    """Same audio and same options that shape the transcript: the same transcript."""
+    shaping = options.model_dump(mode="json", include={"language", "target_chunk_seconds"})
+    shaping |= {"model": model, "word_timestamps": options.word_timestamps}
+    return hashlib.sha256(
+        f"{source_sha256}|{json.dumps(shaping, sort_keys=True)}".encode()
+    ).hexdigest()
 
 
 @router.get("", response_model=TranscriptionPage, summary="List transcriptions, newest first")
@@ -141,6 +223,16 @@ async def retry(request: Request, transcription_id: UUID, caller: Submitter) -> 
     return transcription_view(await board.get(transcription_id, caller.owner_filter))
 
 
+@router.delete("/{transcription_id}", status_code=204)
+async def delete(request: Request, transcription_id: UUID, caller: Submitter) -> Response:
+    """Deletes the transcription, its transcript and its stored media (canceling it
+    first when it is still running)."""
+    state = request.app.state
+    for key in await state.board.delete(transcription_id, caller.owner_filter):
+        await state.storage.delete(key)
+    return Response(status_code=204)
+
+
 @router.get(
     "/{transcription_id}/transcript",
     summary="The transcript as txt, srt, vtt or json",
@@ -153,14 +245,17 @@ async def get_transcript(
     format: TranscriptFormat = "json",
 ) -> Response:
     board = request.app.state.board
-    transcript = await board.transcript(transcription_id, caller.owner_filter)
+    row = await board.transcript(transcription_id, caller.owner_filter)
     disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{format}"'}
+    if format == "json" and row["transcript_key"]:  # stored as it is served
+        stream = request.app.state.storage.read(row["transcript_key"])
+        headers = {**disposition, "Content-Length": str(row["transcript_bytes"])}
+        return StreamingResponse(stream, media_type="application/json", headers=headers)
+    document = await board.document(row)
     if format == "json":
-        row = await board.get(transcription_id, caller.owner_filter)
-        body = {"id": str(transcription_id), "model": row["model"], "options": row["options"]}
-        return JSONResponse({**body, **transcript}, headers=disposition)
+        return JSONResponse(document, headers=disposition)
     return Response(
-        transcripts.render(transcript, format),
+        transcripts.render(document, format),
         media_type=transcripts.MEDIA_TYPES[format],
         headers=disposition,
     )

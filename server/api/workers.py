@@ -109,7 +109,10 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
     if row["kind"] == "transcribe":
         chunk = ChunkSpan(index=row["seq"] - 1, start=row["start_seconds"], end=row["end_seconds"])
     options = TranscriptionOptions.model_validate(row["options"])
-    signed = state.storage.signed_path(row["source_key"], state.settings.signed_url_seconds)
+    source_url = row["source_url"]
+    if source_url is None:
+        ttl = state.settings.signed_url_seconds
+        source_url = state.storage.media_url(row["source_key"], ttl, base_url)
     return ClaimedJob(
         id=row["id"],
         kind=row["kind"],
@@ -117,7 +120,8 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
         lease_expires_at=row["lease_expires_at"],
         attempt=row["attempts"],
         transcription_id=row["transcription_id"],
-        source_url=base_url + signed,
+        source_url=source_url,
+        source_is_external=row["source_url"] is not None,
         options=options,
         model=row["model"] or options.model or state.settings.default_model,
         chunk=chunk,
