@@ -23,7 +23,9 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCRIBEFARM_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SCRIBEFARM_", extra="ignore", populate_by_name=True
+    )
 
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = Field(

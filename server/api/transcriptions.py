@@ -247,8 +247,11 @@ async def get_transcript(
     board = request.app.state.board
     row = await board.transcript(transcription_id, caller.owner_filter)
     disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{format}"'}
+    storage = request.app.state.storage
     if format == "json" and row["transcript_key"]:  # stored as it is served
-        stream = request.app.state.storage.read(row["transcript_key"])
+        if not await storage.exists(row["transcript_key"]):  # else a 404 mid-stream
+            raise ApiError(404, "not_found", f"transcript object of {transcription_id} is gone")
+        stream = storage.read(row["transcript_key"])
         headers = {**disposition, "Content-Length": str(row["transcript_bytes"])}
         return StreamingResponse(stream, media_type="application/json", headers=headers)
     document = await board.document(row)
