@@ -168,54 +168,85 @@ def demo(
 
 @app.command()
 def submit(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Audio or video.")],
+    source: Annotated[str, typer.Argument(help="An audio or video file, or an http(s) URL.")],
     server: Annotated[str, typer.Option(envvar="SCRIBEFARM_SERVER")] = "http://127.0.0.1:8000",
     key: Annotated[str, typer.Option(envvar="SCRIBEFARM_KEY", help="A submit key.")] = "",
-    format: Annotated[str, typer.Option(help="txt, srt, vtt or json.")] = "txt",
-    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow its progress, then print the transcript.")
+    ] = False,
+    format: Annotated[str, typer.Option(help="txt, srt, vtt, json or verbose_json.")] = "txt",
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Save the transcript here (implies --wait)."),
+    ] = None,
 ) -> None:
-    """Submit a file, follow its progress, and print (or save) the transcript."""
-    transcript = submit_and_follow(server, key, file, format)
+    """Submit a file or URL for transcription. Prints the transcription's id; with --wait,
+    a live progress bar (on stderr) and then the transcript."""
+    with board_client(server, key) as client:
+        tid = submit_source(client, source)
+        if not (wait or output):
+            typer.echo(tid)
+            return
+        transcript = follow(client, tid, format)
     if output:
         output.write_text(transcript)
-        typer.echo(f"saved {output}")
+        typer.echo(f"saved {output}", err=True)
     else:
         typer.echo(transcript)
 
 
-def submit_and_follow(server: str, key: str, path: Path, fmt: str) -> str:
+def board_client(server: str, key: str):
     import httpx
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with httpx.Client(
-        base_url=server, headers={"Authorization": f"Bearer {key}"}, timeout=300
-    ) as client:
+    return httpx.Client(base_url=server, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+
+
+def submit_and_follow(server: str, key: str, path: Path, fmt: str) -> str:
+    with board_client(server, key) as client:
+        return follow(client, submit_source(client, str(path)), fmt)
+
+
+def submit_source(client, source: str) -> str:
+    """Uploads a file (streamed) or hands the board a URL; returns the transcription id."""
+    if source.startswith(("http://", "https://")):
+        response = client.post("/v1/transcriptions", json={"url": source})
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise typer.Exit(f"{source} is not a file (or an http(s) URL)")
         with path.open("rb") as f:
             response = client.post("/v1/transcriptions", files={"file": (path.name, f)})
-        fail_on_error(response)
-        tid = response.json()["id"]
-        columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
-        with Progress(*columns) as progress:
-            task = progress.add_task("queued", total=None)
-            while True:
-                view = client.get(f"/v1/transcriptions/{tid}")
-                fail_on_error(view)
-                state = view.json()
-                done = state["progress"]
-                progress.update(
-                    task,
-                    description=f"{state['state']} {done['jobs_done']}/{done['jobs_total']} chunks",
-                    total=done["audio_seconds_total"],
-                    completed=done["audio_seconds_done"],
-                )
-                if state["state"] in ("succeeded", "failed", "canceled"):
-                    break
-                time.sleep(0.5)
-        if state["state"] != "succeeded":
-            raise typer.Exit(f"transcription {tid} {state['state']}: {state['error']}")
-        transcript = client.get(f"/v1/transcriptions/{tid}/transcript", params={"format": fmt})
-        fail_on_error(transcript)
-        return transcript.text
+    fail_on_error(response)
+    return response.json()["id"]
+
+
+def follow(client, tid: str, fmt: str) -> str:
+    """Shows the transcription's progress live until it finishes; returns its transcript."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("queued", total=None)
+        while True:
+            view = client.get(f"/v1/transcriptions/{tid}")
+            fail_on_error(view)
+            state = view.json()
+            done = state["progress"]
+            progress.update(
+                task,
+                description=f"{state['state']} {done['jobs_done']}/{done['jobs_total']} chunks",
+                total=done["audio_seconds_total"],
+                completed=done["audio_seconds_done"],
+            )
+            if state["state"] in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.5)
+    if state["state"] != "succeeded":
+        raise typer.Exit(f"transcription {tid} {state['state']}: {state['error']}")
+    transcript = client.get(f"/v1/transcriptions/{tid}/transcript", params={"format": fmt})
+    fail_on_error(transcript)
+    return transcript.text
 
 
 def fail_on_error(response) -> None:
