@@ -108,9 +108,10 @@ def allowed_farm(make_server):
     return server, keys
 
 
-def test_workers_read_an_allowed_url_through_its_redirects(allowed_farm, media):
+def test_workers_read_an_allowed_url_through_its_redirects(allowed_farm, media, tmp_path):
     server, keys = allowed_farm
     speech = media.paragraphs((0, 1), gap_seconds=1.0)
+    (speech.parent / "notes.txt").write_text("this page is text, not media\n" * 100)
     worker = WorkerProcess(server, keys["worker"], "url-reader", ("--threads", "2")).start()
     Redirector.ranges.clear()
     try:
@@ -118,11 +119,15 @@ def test_workers_read_an_allowed_url_through_its_redirects(allowed_farm, media):
             with server.client(keys["submit"]) as client:
                 response = submit_url(client, f"{hops}/?to={files}/{speech.name}")
                 assert response.status_code == 201, response.text
+                not_media = submit_url(client, f"{files}/notes.txt").json()["id"]
                 view = wait_until_finished(client, response.json()["id"], timeout=180)
                 assert view["state"] == "succeeded", view
                 text = client.get(f"/v1/transcriptions/{view['id']}/transcript?format=txt").text
+                failed = wait_until_finished(client, not_media, timeout=60)
     finally:
         worker.stop()
+    # A URL that is not media fails its own transcription, with a reason.
+    assert failed["state"] == "failed" and "no audio track" in failed["error"], failed
     assert view["filename"] is None  # the URL's path names no file
     words = normalise_text(text).split()
     reference = normalise_text(" ".join(PARAGRAPHS[i] for i in (0, 1))).split()
