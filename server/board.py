@@ -678,8 +678,8 @@ class Board:
     @staticmethod
     async def _raise_fenced(conn, job_id: UUID, lease_id: UUID):
         row = await conn.fetchrow(JOB_STATE, job_id)
-        if row is None:
-            raise ApiError(404, "unknown_job", f"job {job_id} does not exist")
+        if row is None:  # never existed, or its transcription was deleted: drop the work
+            raise ApiError(409, "job_gone", f"job {job_id} does not exist (any more)")
         if row["state"] == "canceled":
             raise ApiError(409, "job_canceled", f"job {job_id} was canceled; drop its work")
         raise ApiError(

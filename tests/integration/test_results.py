@@ -111,9 +111,9 @@ def test_deleting_a_running_transcription_cancels_its_jobs_first(boundary):
         tid = submit(client, b"running").json()["id"]
         [job] = worker.claim()
         assert client.delete(f"/v1/transcriptions/{tid}").status_code == 204
-        # The worker holding its lease learns it at its next heartbeat: no such job.
-        assert worker.heartbeat(job).status_code == 404
-        assert worker.complete(job, chunk_plan(1)).status_code == 404
+        # The worker holding its lease learns it at its next heartbeat and drops it.
+        assert worker.heartbeat(job).status_code == 409
+        assert worker.complete(job, chunk_plan(1)).json()["code"] == "job_gone"
     worker.close()
 
 
