@@ -19,7 +19,15 @@ from unittest import mock
 import pytest
 
 from server import db, webhooks
-from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, create_database, sql, submit
+from tests.farm import (
+    ProtocolWorker,
+    Server,
+    chunk_plan,
+    chunk_transcript,
+    create_database,
+    sql,
+    submit,
+)
 from tests.farm import wait_for as wait_for_value
 
 DOC = Path(__file__).parents[2] / "docs" / "webhooks.md"
@@ -338,6 +346,9 @@ def test_a_loopback_url_without_the_allow_list_fails_at_once_naming_it(make_serv
     server = make_server(webhook_retry_base_seconds=RETRY_BASE, poll_seconds=0.2)
     where = path()
     with server.client(server.create_key("submit")) as client:
+        refused = submit(client, b"audio", webhook_url=receiver.url(where))
+        assert refused.status_code == 422 and refused.json()["code"] == "url_refused"
+        assert "SCRIBEFARM_URL_ALLOWLIST" in refused.json()["message"]
         tid = submit(client, b"audio").json()["id"]
         server.sql(
             "UPDATE transcriptions SET options = options || jsonb_build_object("
@@ -357,6 +368,26 @@ def test_a_loopback_url_without_the_allow_list_fails_at_once_naming_it(make_serv
         time.sleep(8 * RETRY_BASE)
         assert deliveries(client, tid)[0]["attempts"] == 1
     assert receiver.received(where) == []
+
+
+# --- several servers ---------------------------------------------------------
+
+
+def test_two_servers_on_one_board_send_each_delivery_once(server, submitter, receiver, tmp_path):
+    other = Server(server.database_url, tmp_path / "other", dict(server.settings)).start()
+    try:
+        wheres = [path() for _ in range(20)]
+        tids = [
+            submit(submitter, b"audio", webhook_url=receiver.url(w)).json()["id"] for w in wheres
+        ]
+        for tid in tids:  # each cancel wakes both senders at once
+            assert submitter.post(f"/v1/transcriptions/{tid}/cancel").status_code == 200
+        for tid in tids:
+            assert wait_until_final(submitter, tid)["attempts"] == 1
+        time.sleep(0.5)
+        assert [len(receiver.received(w)) for w in wheres] == [1] * len(wheres)
+    finally:
+        other.stop()
 
 
 # --- the deliveries endpoint -------------------------------------------------
@@ -390,7 +421,7 @@ def test_the_sender_picks_due_deliveries_through_their_index(postgres_url):
     sql(
         url,
         "INSERT INTO transcriptions (id, api_key_id, state, source_key, source_bytes, "
-        "options, model) VALUES ($1, $2, 'canceled', 's', 1, '{}', 'tiny.en')",
+        "options, model, priority) VALUES ($1, $2, 'canceled', 's', 1, '{}', 'tiny.en', 0)",
         tid,
         key,
     )
