@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -26,6 +27,8 @@ from server.settings import Settings
 from server.storage import Storage
 
 JOBS_CHANNEL = "scribefarm_jobs"
+# A worker not heard from for this long is gone: it long-polls every 50 s at most.
+WORKER_GONE_SECONDS = 120.0
 
 # Claims up to $3 jobs (and up to $5 seconds of audio) the worker can run, and takes
 # over expired leases in the same statement. Walks ix_jobs_claimable (priority DESC,
@@ -345,17 +348,56 @@ FROM transcriptions
 WHERE id = $1 AND ($2::uuid IS NULL OR api_key_id = $2)
 """
 
+# Counts live workers (a sequential scan of a small table) and registers one more only
+# below the limit ($8), in one statement; serialised by an advisory lock.
 REGISTER_WORKER = """
+WITH live AS (
+    SELECT count(*) AS n FROM workers
+    WHERE last_seen_at > now() - make_interval(secs => $9)
+)
 INSERT INTO workers (api_key_id, name, engine, device, batch_size, models, kinds)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SELECT $1, $2, $3, $4, $5, $6, $7 FROM live WHERE $8::int IS NULL OR live.n < $8
 RETURNING id
+"""
+
+# Serialises what one key submits (limits) and worker registrations (their limit).
+LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext($1::text))"
+
+# A key's active transcriptions (ix_transcriptions_active) and its submissions in the
+# last minute (ix_transcriptions_owner_created), with when the oldest of those leaves
+# the minute.
+KEY_USAGE = """
+SELECT (SELECT count(*) FROM transcriptions
+        WHERE api_key_id = $1 AND state IN ('queued', 'running')) AS active,
+       count(*) AS last_minute,
+       extract(epoch FROM min(created_at) + interval '1 minute' - now()) AS window_left
+FROM transcriptions
+WHERE api_key_id = $1 AND created_at > now() - interval '1 minute'
 """
 
 # key_hash is unique (its index): one lookup per uncached key.
 FIND_KEY = """
-SELECT id, role, (expires_at IS NOT NULL AND expires_at <= now()) AS expired,
+SELECT id, role, key_hash, (expires_at IS NOT NULL AND expires_at <= now()) AS expired,
        revoked_at IS NOT NULL AS revoked
 FROM api_keys WHERE key_hash = $1
+"""
+
+# A handful of rows: the operator's listing.
+LIST_KEYS = """
+SELECT id, name, role, prefix, created_at, expires_at, revoked_at,
+       (expires_at IS NOT NULL AND expires_at <= now()) AS expired
+FROM api_keys ORDER BY created_at
+"""
+
+# The one active key with this id, prefix or hash (several matches: none revoked).
+REVOKE_KEY = """
+WITH matches AS (
+    SELECT id FROM api_keys
+    WHERE revoked_at IS NULL AND (id::text = $1 OR prefix = $1 OR key_hash = $2)
+)
+UPDATE api_keys SET revoked_at = now()
+WHERE id = (SELECT id FROM matches) AND (SELECT count(*) FROM matches) = 1
+RETURNING prefix
 """
 
 INSERT_KEY = """
@@ -390,13 +432,17 @@ class Board:
         options: dict[str, Any],
         model: str,
         dedup_key: str | None,
+        limited: bool,
     ) -> None:
         """Queues the transcription's chunk job, or, when the same audio with the same
         options already succeeded (and dedup is on), finishes it at once with that
-        transcript."""
+        transcript. A `limited` key is held to its limits (429 when over)."""
         row = (transcription_id, owner, filename, source_key, source_url, source_bytes)
         row += (options, model, options.get("priority", 0), dedup_key)
         async with self.pool.acquire() as conn, conn.transaction():
+            if limited:
+                await conn.execute(LOCK_KEY, str(owner))
+                await self._check_limits(conn, owner)
             original = None
             if dedup_key and self.settings.dedup:
                 original = await conn.fetchrow(FIND_DUPLICATE, dedup_key)
@@ -408,6 +454,35 @@ class Board:
             merged = transcripts.merged_part(await self.document(original))
             await self._succeed(
                 conn, transcription_id, merged, {"deduplicated_from": original["id"]}
+            )
+
+    async def check_limits(self, owner: UUID) -> None:
+        """The same check as at submission, without its lock: refuses early, before an
+        upload is streamed, what would be refused at the end."""
+        async with self.pool.acquire() as conn:
+            await self._check_limits(conn, owner)
+
+    async def _check_limits(self, conn: asyncpg.Connection, owner: UUID) -> None:
+        usage = await conn.fetchrow(KEY_USAGE, owner)
+        active_limit = self.settings.max_active_per_key
+        if usage["active"] >= active_limit:
+            raise ApiError(
+                429,
+                "too_many_active",
+                f"this key has {usage['active']} transcriptions queued or running; the limit "
+                f"is {active_limit} (SCRIBEFARM_MAX_ACTIVE_PER_KEY). Submit more as they finish.",
+                {"Retry-After": "30"},
+            )
+        rate_limit = self.settings.submissions_per_minute
+        if usage["last_minute"] >= rate_limit:
+            wait = max(1, math.ceil(usage["window_left"] or 1))
+            raise ApiError(
+                429,
+                "too_many_submissions",
+                f"this key submitted {usage['last_minute']} transcriptions in the last minute; "
+                f"the limit is {rate_limit} a minute (SCRIBEFARM_SUBMISSIONS_PER_MINUTE). "
+                f"Try again in {wait} s.",
+                {"Retry-After": str(wait)},
             )
 
     async def get(self, transcription_id: UUID, owner: UUID | None) -> asyncpg.Record:
@@ -495,16 +570,30 @@ class Board:
     # --- workers ------------------------------------------------------------
 
     async def register_worker(self, key_id: UUID, caps: dict[str, Any]) -> UUID:
-        return await self.pool.fetchval(
-            REGISTER_WORKER,
-            key_id,
-            caps["name"],
-            caps["engine"],
-            caps["device"],
-            caps["batch_size"],
-            caps["models"],
-            caps["kinds"],
-        )
+        limit = self.settings.max_workers
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_KEY, "workers")
+            worker_id = await conn.fetchval(
+                REGISTER_WORKER,
+                key_id,
+                caps["name"],
+                caps["engine"],
+                caps["device"],
+                caps["batch_size"],
+                caps["models"],
+                caps["kinds"],
+                limit,
+                WORKER_GONE_SECONDS,
+            )
+        if worker_id is None:
+            raise ApiError(
+                429,
+                "too_many_workers",
+                f"the board already has {limit} live workers; the limit is {limit} "
+                "(SCRIBEFARM_MAX_WORKERS). This worker will try again.",
+                {"Retry-After": "60"},
+            )
+        return worker_id
 
     async def claim(
         self,
@@ -605,6 +694,13 @@ class Board:
     ) -> UUID:
         return await self.pool.fetchval(INSERT_KEY, name, role, key_hash, prefix, expires_at)
 
+    async def list_keys(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(LIST_KEYS)
+
+    async def revoke_key(self, id_or_prefix: str, key_hash: str) -> str | None:
+        """Revokes the one active key matching an id, a prefix or a key's hash."""
+        return await self.pool.fetchval(REVOKE_KEY, id_or_prefix, key_hash)
+
     async def cached_chunks(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         rows = await self.pool.fetch(CACHE_LOOKUP, keys)
         return {row["key"]: row["result"] for row in rows}
@@ -612,6 +708,15 @@ class Board:
     # --- fan-out and fan-in -------------------------------------------------
 
     async def _fan_out(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
+        limit = self.settings.max_audio_seconds
+        if plan.duration_seconds > limit:
+            reason = (
+                f"the audio is {plan.duration_seconds / 3600:.2f} h long; the limit is "
+                f"{limit / 3600:.2f} h (SCRIBEFARM_MAX_AUDIO_SECONDS). Split the recording."
+            )
+            await conn.execute(PLANNED, transcription_id, plan.duration_seconds, 0)
+            await conn.execute(FAIL_TRANSCRIPTION, transcription_id, reason)
+            return
         chunks = plan.chunks
         await conn.execute(
             INSERT_TRANSCRIBE_JOBS,
@@ -626,7 +731,8 @@ class Board:
         if chunks:
             await notify_jobs(conn, len(chunks))
         else:  # nothing to transcribe: an empty transcript, done now
-            await self._succeed(conn, transcription_id, transcripts.merge([], 0.0))
+            merged = transcripts.merge([], plan.duration_seconds)
+            await self._succeed(conn, transcription_id, merged)
 
     async def _fan_in(self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript):
         counts = await conn.fetchrow(

@@ -280,7 +280,7 @@ def webhook_secret() -> None:
 def keys_create(
     role: Annotated[Role, typer.Option(help="submit, worker or admin.")],
     name: Annotated[str, typer.Option(help="A label to tell keys apart.")] = "",
-    expires_in_days: Annotated[float | None, typer.Option(min=0.001)] = None,
+    expires_in_days: Annotated[float | None, typer.Option(min=1e-5)] = None,
 ) -> None:
     """Create an API key. The key is shown once, alone on the last line."""
     key = asyncio.run(create_key(role.value, name or role.value, expires_in_days))
@@ -289,8 +289,46 @@ def keys_create(
 
 
 async def create_key(role: str, name: str, expires_in_days: float | None) -> str:
-    from server import db
     from server.auth import hash_key, new_key
+
+    key = new_key()
+    expires = None
+    if expires_in_days is not None:
+        expires = datetime.now(UTC) + timedelta(days=expires_in_days)
+    await on_board(lambda board: board.create_key(name, role, hash_key(key), key[:10], expires))
+    return key
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys (never the keys themselves: only their first characters)."""
+    rows = asyncio.run(on_board(lambda board: board.list_keys()))
+    typer.echo(f"{'id':36}  {'prefix':10}  {'role':6}  {'state':8}  name")
+    for row in rows:
+        state = "revoked" if row["revoked_at"] else "expired" if row["expired"] else "active"
+        typer.echo(
+            f"{row['id']!s:36}  {row['prefix']:10}  {row['role']:6}  {state:8}  {row['name']}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[
+        str, typer.Argument(help="The key's id, its prefix (see 'keys list'), or the key.")
+    ],
+) -> None:
+    """Revoke an API key; servers refuse it within a few seconds."""
+    from server.auth import CACHE_SECONDS, hash_key
+
+    revoked = asyncio.run(on_board(lambda board: board.revoke_key(key, hash_key(key))))
+    if not revoked:
+        raise typer.Exit(f"no active key matches {key[:10]!r}; see 'scribefarm keys list'")
+    typer.echo(f"revoked {revoked}; servers refuse it within {CACHE_SECONDS:g} s")
+
+
+async def on_board(action):
+    """Runs `action(board)` against the board's database (migrated first)."""
+    from server import db
     from server.board import Board, init_connection
     from server.settings import Settings
 
@@ -299,11 +337,6 @@ async def create_key(role: str, name: str, expires_in_days: float | None) -> str
     await asyncio.to_thread(db.migrate, url)
     pool = await db.create_pool(url, 1, init_connection)
     try:
-        key = new_key()
-        expires = None
-        if expires_in_days is not None:
-            expires = datetime.now(UTC) + timedelta(days=expires_in_days)
-        await Board(pool, settings).create_key(name, role, hash_key(key), key[:10], expires)
-        return key
+        return await action(Board(pool, settings))
     finally:
         await pool.close()

@@ -72,6 +72,12 @@ class Transcription(SQLModel, table=True):
             "dedup_key",
             postgresql_where=text("state = 'succeeded' AND dedup_key IS NOT NULL"),
         ),
+        # Per-key limits count a key's unfinished transcriptions.
+        Index(
+            "ix_transcriptions_active",
+            "api_key_id",
+            postgresql_where=text("state IN ('queued', 'running')"),
+        ),
         # Retention finds finished transcriptions by age.
         Index(
             "ix_transcriptions_finished",

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     default_chunk_seconds: float = 60.0
     max_chunk_seconds: float = 120.0
     max_upload_bytes: int = 2 * 1024**3
+    max_audio_seconds: float = Field(default=24 * 3600.0, gt=0)
+    # Per submit key (admin keys are the operator's, and exempt).
+    max_active_per_key: int = Field(default=100, ge=1)
+    submissions_per_minute: int = Field(default=60, ge=1)
+    max_workers: int = Field(default=1000, ge=1)
 
     lease_seconds: float = 30.0
     max_attempts: int = 5

@@ -79,6 +79,9 @@ async def submit_upload(
     """Streams the multipart `file` to storage and queues its transcription; returns its
     row. `read_options` turns the other form fields into options (ours by default)."""
     state = request.app.state
+    limited = caller.role != "admin"
+    if limited:  # before the upload streams in, not after
+        await state.board.check_limits(caller.key_id)
     transcription_id = uuid4()
     key = f"sources/{transcription_id}"
     upload, digest = Upload(), hashlib.sha256()
@@ -102,6 +105,7 @@ async def submit_upload(
             options=options.model_dump(mode="json"),
             model=model,
             dedup_key=dedup_key(digest.hexdigest(), options, model),
+            limited=limited,
         )
     except BaseException:
         await state.storage.delete(key)
@@ -112,6 +116,9 @@ async def submit_upload(
 async def submit_url(request: Request, caller: Caller) -> Any:
     """Queues a transcription of media at a URL; workers read it from there."""
     state = request.app.state
+    limited = caller.role != "admin"
+    if limited:  # before the URL is probed, not after
+        await state.board.check_limits(caller.key_id)
     try:
         source = UrlSource.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -131,6 +138,7 @@ async def submit_url(request: Request, caller: Caller) -> Any:
         options=options.model_dump(mode="json"),
         model=options.model or state.settings.default_model,
         dedup_key=None,  # the content behind a URL can change
+        limited=limited,
     )
     return await state.board.get(transcription_id, None)
 

@@ -70,7 +70,7 @@ def test_every_route_refuses_no_key_with_401_and_other_roles_with_403(server, ke
 
 def test_signed_media_links_refuse_bad_and_expired_signatures(server, keys):
     with server.client(keys["submit"]) as submitter:
-        submit(submitter, b"secret audio")
+        assert submit(submitter, b"secret audio").status_code == 201
     worker = ProtocolWorker(server, keys["worker"])
     [job] = worker.claim()
     url = job["source_url"]

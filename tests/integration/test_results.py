@@ -118,7 +118,7 @@ def test_deleting_a_running_transcription_cancels_its_jobs_first(boundary):
 
 
 def test_resubmitting_the_same_audio_and_options_returns_the_transcript_at_once(make_server):
-    server = make_server()
+    server = make_server(dedup=True)
     keys = {role: server.create_key(role) for role in ("submit", "worker")}
     audio = b"the same bytes" * 1000
     with server.client(keys["submit"]) as client:
@@ -137,7 +137,7 @@ def test_resubmitting_the_same_audio_and_options_returns_the_transcript_at_once(
 
 
 def test_dedup_can_be_turned_off(make_server):
-    server = make_server(dedup="false")
+    server = make_server(dedup=False)
     keys = {role: server.create_key(role) for role in ("submit", "worker")}
     with server.client(keys["submit"]) as client:
         submit(client, b"twice")
