@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 
 from server import db, errors, maintenance, webhooks
 from server.api import health, media, transcriptions, workers
+from server.api import openai as openai_api
 from server.api import webhooks as webhooks_api
 from server.auth import KeyCache, RoleCheck
 from server.board import Board, init_connection
@@ -30,12 +31,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = await db.create_pool(url, settings.db_pool_size, init_connection)
         app.state.board = Board(pool, settings, app.state.storage)
         app.state.doorbell = Doorbell()
+        app.state.finished = openai_api.FinishedWaiter()
         background = [
             asyncio.create_task(maintenance.listen(url, app.state.doorbell, settings.poll_seconds)),
             asyncio.create_task(
                 maintenance.poll(app.state.board, app.state.doorbell, settings.poll_seconds)
             ),
             asyncio.create_task(webhooks.WebhookSender(pool, settings).run(url)),
+            asyncio.create_task(app.state.finished.run(url, settings.poll_seconds)),
         ]
         if settings.retention_days:
             max_age = settings.retention_days * 86400
@@ -61,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # /v1/media serves the local backend only; with S3, workers read presigned URLs.
     local = isinstance(app.state.storage, LocalStorage)
-    modules = (transcriptions, webhooks_api, workers, media, health)
+    modules = (transcriptions, openai_api, webhooks_api, workers, media, health)
     served = [m for m in modules if local or m is not media]
     routers = [module.router for module in served]
     for router in routers:

@@ -21,7 +21,7 @@ PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 JobKind = Literal["chunk", "transcribe"]
 JobState = Literal["queued", "leased", "succeeded", "dead", "canceled"]
 TranscriptionState = Literal["queued", "running", "succeeded", "failed", "canceled"]
-TranscriptFormat = Literal["txt", "srt", "vtt", "json"]
+TranscriptFormat = Literal["txt", "srt", "vtt", "json", "verbose_json"]
 
 
 class Strict(BaseModel):

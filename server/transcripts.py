@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter
 from typing import Any
 
-FORMATS = ("txt", "srt", "vtt", "json")
+FORMATS = ("txt", "srt", "vtt", "json", "verbose_json")
 MEDIA_TYPES = {
     "txt": "text/plain; charset=utf-8",
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
     "json": "application/json",
+    "verbose_json": "application/json",
 }
 
 
@@ -80,7 +82,111 @@ def render(transcript: dict[str, Any], fmt: str) -> str:
             for s in transcript["segments"]
         )
         return "WEBVTT\n" + cues
+    if fmt == "verbose_json":
+        return json.dumps(verbose_json(transcript), ensure_ascii=False)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def verbose_json(
+    transcript: dict[str, Any], *, segments: bool = True, words: bool | None = None
+) -> dict[str, Any]:
+    """OpenAI's `verbose_json` transcription response, from a transcript document.
+
+    `segments` and `words` choose what is included, as OpenAI's
+    `timestamp_granularities[]` does; `words=None` includes words when the transcript
+    has them (the transcription asked for word timestamps).
+
+    What the document keeps is passed through: times, text, the language (as OpenAI
+    names it: "english"), the duration, `avg_logprob` and `no_speech_prob`. What it does
+    not keep is filled with neutral values (see docs/api.md):
+    - `tokens`: [] (token ids stay on the worker);
+    - `seek`: 0 (the decoding window's offset is not kept);
+    - `temperature`: 0.0 (the faster-whisper engine decodes at temperature 0 only, with
+      no fallback; not recorded per segment);
+    - `avg_logprob`, `no_speech_prob`: 0.0 when the engine gave none (whisperx gives
+      no `no_speech_prob`);
+    - `compression_ratio`: computed from the segment's own text, as Whisper computes it
+      over its 30 s decoding window (so short segments score low).
+    """
+    if words is None:
+        words = any(s.get("words") is not None for s in transcript["segments"]) or bool(
+            (transcript.get("options") or {}).get("word_timestamps")
+        )
+    response: dict[str, Any] = {
+        "task": "transcribe",
+        "language": language_name(transcript.get("language"), transcript.get("options")),
+        "duration": transcript["duration_seconds"],
+        "text": transcript["text"],
+    }
+    if segments:
+        response["segments"] = [
+            {
+                "id": i,
+                "seek": 0,
+                "start": s["start"],
+                "end": s["end"],
+                "text": s["text"],
+                "tokens": [],
+                "temperature": 0.0,
+                "avg_logprob": number_or_zero(s.get("avg_logprob")),
+                "compression_ratio": compression_ratio(s["text"]),
+                "no_speech_prob": number_or_zero(s.get("no_speech_prob")),
+            }
+            for i, s in enumerate(transcript["segments"])
+        ]
+    if words:
+        response["words"] = [
+            {"word": w["word"], "start": w["start"], "end": w["end"]}
+            for s in transcript["segments"]
+            for w in s.get("words") or ()
+        ]
+    return response
+
+
+def number_or_zero(value: float | None) -> float:
+    return 0.0 if value is None else float(value)
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's measure of repetition: above 2.4, the decoding likely looped."""
+    data = text.encode()
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+# Whisper's languages, by the ISO 639 code Whisper reports, named as OpenAI's API
+# names them in verbose_json (whisper/tokenizer.py's LANGUAGES).
+LANGUAGE_NAMES = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
+    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
+    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
+    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
+    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
+    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
+    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
+    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
+    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian",
+    "mk": "macedonian", "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian",
+    "ne": "nepali", "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian",
+    "sw": "swahili", "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala",
+    "km": "khmer", "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans",
+    "oc": "occitan", "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi",
+    "gu": "gujarati", "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek",
+    "fo": "faroese", "ht": "haitian creole", "ps": "pashto", "tk": "turkmen",
+    "nn": "nynorsk", "mt": "maltese", "sa": "sanskrit", "lb": "luxembourgish",
+    "my": "myanmar", "bo": "tibetan", "tl": "tagalog", "mg": "malagasy", "as": "assamese",
+    "tt": "tatar", "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir",
+    "jw": "javanese", "su": "sundanese", "yue": "cantonese",
+}  # fmt: skip
+
+
+def language_name(code: str | None, options: dict[str, Any] | None = None) -> str:
+    """The language as OpenAI names it ("english"); the code itself when Whisper does
+    not know it; the requested language, or "unknown", when nothing was heard."""
+    code = code or (options or {}).get("language")
+    if not code:
+        return "unknown"
+    return LANGUAGE_NAMES.get(code, code)
 
 
 def timestamp(seconds: float, decimal_mark: str) -> str:

@@ -18,7 +18,8 @@ MULTIPART_OVERHEAD = 1024 * 1024  # headers and small fields around the file
 
 @dataclass
 class Upload:
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)  # the last value of each
+    repeated: dict[str, list[str]] = field(default_factory=dict)  # every value of each
     filename: str | None = None
     file_parts: int = 0
     size: int = 0
@@ -96,7 +97,9 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
 
     def on_part_end() -> None:
         if not part.is_file and part.name:
-            upload.fields[part.name] = part.value.decode(errors="replace")
+            value = part.value.decode(errors="replace")
+            upload.fields[part.name] = value
+            upload.repeated.setdefault(part.name, []).append(value)
 
     parser = MultipartParser(
         boundary_of(request),

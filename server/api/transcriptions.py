@@ -74,7 +74,7 @@ async def submit(request: Request, caller: Submitter) -> Transcription:
 async def submit_upload(
     request: Request,
     caller: Caller,
-    read_options: Callable[[dict[str, str]], TranscriptionOptions] | None = None,
+    read_options: Callable[[Upload], TranscriptionOptions] | None = None,
 ) -> Any:
     """Streams the multipart `file` to storage and queues its transcription; returns its
     row. `read_options` turns the other form fields into options (ours by default)."""
@@ -92,7 +92,7 @@ async def submit_upload(
             raise ApiError(422, "file_required", "send exactly one multipart field named 'file'")
         if size == 0:
             raise ApiError(422, "empty_file", "the uploaded file is empty")
-        options = (read_options or parse_options)(upload.fields)
+        options = (read_options or parse_options)(upload)
         await check_options(request, options)
         model = options.model or state.settings.default_model
         await state.board.submit(
@@ -143,9 +143,9 @@ async def submit_url(request: Request, caller: Caller) -> Any:
     return await state.board.get(transcription_id, None)
 
 
-def parse_options(fields: dict[str, str]) -> TranscriptionOptions:
+def parse_options(upload: Upload) -> TranscriptionOptions:
     try:
-        return TranscriptionOptions.model_validate(fields)
+        return TranscriptionOptions.model_validate(upload.fields)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
 
@@ -243,7 +243,7 @@ async def delete(request: Request, transcription_id: UUID, caller: Submitter) ->
 
 @router.get(
     "/{transcription_id}/transcript",
-    summary="The transcript as txt, srt, vtt or json",
+    summary="The transcript as txt, srt, vtt, json or verbose_json",
     responses={200: {"content": {t: {} for t in transcripts.MEDIA_TYPES.values()}}},
 )
 async def get_transcript(
@@ -254,7 +254,8 @@ async def get_transcript(
 ) -> Response:
     board = request.app.state.board
     row = await board.transcript(transcription_id, caller.owner_filter)
-    disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{format}"'}
+    suffix = "json" if format == "verbose_json" else format
+    disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{suffix}"'}
     storage = request.app.state.storage
     if format == "json" and row["transcript_key"]:  # stored as it is served
         if not await storage.exists(row["transcript_key"]):  # else a 404 mid-stream

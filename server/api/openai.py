@@ -1,0 +1,411 @@
+"""OpenAI's transcription endpoint, so the official clients (and tools built on them)
+can use the farm: `POST /v1/audio/transcriptions`.
+
+The upload goes through the farm like any `POST /v1/transcriptions` (same streaming,
+storage, dedup and jobs), then the request waits for the transcription to finish and
+answers in the format asked for. Waiting costs no database connection: one LISTEN per
+server process hears the `scribefarm_finished` NOTIFY that migration 0003's trigger
+sends, and wakes the requests waiting on that transcription; a poll covers NOTIFYs
+missed while the listener reconnects. A client that hangs up stops the wait (the
+transcription goes on, and a resubmission of the same file reuses it once it is done).
+
+Errors on this router take OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`, which the official client turns into its exceptions, and keep the `code`
+and `message` every scribefarm error has at the top level. docs/api.md lists what is
+supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import UUID
+
+import asyncpg
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from server import transcripts
+from server.api.transcriptions import submit_upload
+from server.auth import Caller, allow
+from server.errors import ApiError, describe_validation
+from server.protocol import TranscriptionOptions
+from server.uploads import Upload
+from server.webhooks import FINISHED_CHANNEL
+
+log = logging.getLogger(__name__)
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+# The name clients send for the board's default model.
+DEFAULT_MODEL_ALIAS = "whisper-1"
+# Array fields arrive as repeated `name[]` parts (the official client's encoding).
+ARRAY_FIELDS = ("timestamp_granularities[]", "timestamp_granularities")
+KNOWN_FIELDS = frozenset(
+    {"model", "language", "prompt", "response_format", "temperature", "stream", *ARRAY_FIELDS}
+)
+TRANSCRIPTION_HEADER = "X-Scribefarm-Transcription-Id"
+FINISHED_STATES = ("succeeded", "failed", "canceled")
+# While the listener is up, a NOTIFY wakes waiters; the poll is only a safety net.
+LISTENING_POLL_SECONDS = 10.0
+# Where the shared submission code's errors point, in OpenAI's `param`.
+PARAMS = {"file_required": "file", "empty_file": "file", "upload_too_large": "file"}
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+class OpenAIError(ApiError):
+    """An error answered as given (the status is OpenAI's), naming the field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(status, code, message, headers)
+        self.param = param
+
+
+def error_response(
+    status: int, code: str, message: str, param: str | None, headers: dict | None
+) -> JSONResponse:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 429:
+        kind = "requests"  # OpenAI's type for request-rate limits
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    if status != 429:  # over a limit: nothing was queued; the client retries after Retry-After
+        # Sending the upload again cannot change these answers: the official client must
+        # not retry (it would on a 5xx), starting a second transcription of the file.
+        headers = {**(headers or {}), "x-should-retry": "false"}
+    body = {"error": error, "code": code, "message": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """Answers this router's errors (auth included) in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+            except ApiError as exc:
+                # OpenAI answers invalid requests with 400, where scribefarm says 422.
+                status = 400 if exc.status == 422 else exc.status
+                param = PARAMS.get(exc.code)
+                return error_response(status, exc.code, exc.message, param, exc.headers)
+            except RequestValidationError as exc:
+                message = describe_validation(exc.errors())
+                return error_response(400, "invalid_request", message, None, None)
+
+        return handle
+
+
+# --- waiting for transcriptions to finish -------------------------------------------
+
+
+class FinishedWaiter:
+    """Wakes requests waiting for a transcription to finish. One LISTEN connection per
+    server process, however many requests wait; app.py's lifespan runs `run`."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.listening = False
+
+    @contextlib.contextmanager
+    def watch(self, transcription_id: UUID) -> Iterator[asyncio.Event]:
+        """An event set when the transcription may have finished. Watch before reading
+        its state, so a NOTIFY between the read and the wait is not lost."""
+        key, event = str(transcription_id), asyncio.Event()
+        self._events[key].add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._events.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._events[key]
+
+    def finished(self, transcription_id: str) -> None:
+        for event in self._events.get(transcription_id, ()):
+            event.set()
+
+    def wake_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+    async def run(self, url: str, retry_seconds: float) -> None:
+        """LISTEN on one dedicated connection; reconnect when it drops (waiters poll
+        every `retry_seconds` meanwhile)."""
+        while True:
+            try:
+                await self._listen_until_closed(url)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("finished-transcription notifications unavailable: %s", exc)
+            finally:
+                self.listening = False
+            await asyncio.sleep(retry_seconds)
+
+    async def _listen_until_closed(self, url: str) -> None:
+        conn = await asyncpg.connect(url)
+        closed = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: closed.set())
+        try:
+            await conn.add_listener(
+                FINISHED_CHANNEL, lambda _conn, _pid, _channel, payload: self.finished(payload)
+            )
+            self.listening = True
+            self.wake_all()  # whatever finished while no one listened
+            await closed.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+async def wait_until_finished(request: Request, transcription_id: UUID, caller: Caller) -> Any:
+    """The transcription's row once it has finished; None when the client hung up.
+    Raises a 504 after SCRIBEFARM_OPENAI_WAIT_SECONDS."""
+    state = request.app.state
+    waiter: FinishedWaiter = state.finished
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.openai_wait_seconds
+    # The body has been read, so receive() now returns only when the client hangs up.
+    hung_up = asyncio.ensure_future(request.receive())
+    try:
+        while True:
+            with waiter.watch(transcription_id) as event:
+                row = await state.board.get(transcription_id, caller.owner_filter)
+                if row["state"] in FINISHED_STATES:
+                    return row
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise still_running(state.settings.openai_wait_seconds, row)
+                poll = LISTENING_POLL_SECONDS if waiter.listening else state.settings.poll_seconds
+                woken = asyncio.ensure_future(event.wait())
+                await asyncio.wait(
+                    {woken, hung_up},
+                    timeout=min(remaining, poll),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                woken.cancel()
+                if hung_up.done():
+                    log.info(
+                        "the client waiting for transcription %s hung up; it goes on",
+                        transcription_id,
+                    )
+                    return None
+    finally:
+        hung_up.cancel()
+
+
+def still_running(waited: float, row: Any) -> OpenAIError:
+    tid = row["id"]
+    return OpenAIError(
+        504,
+        "transcription_timeout",
+        f"transcription {tid} is still {row['state']} after {waited:g} s "
+        f"(SCRIBEFARM_OPENAI_WAIT_SECONDS); it goes on: fetch its transcript later with "
+        f"GET /v1/transcriptions/{tid}/transcript",
+        headers={TRANSCRIPTION_HEADER: str(tid)},
+    )
+
+
+# --- the request ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    response_format: str
+    granularities: tuple[str, ...]
+    options: TranscriptionOptions
+
+
+def read_request(upload: Upload) -> OpenAIRequest:
+    """OpenAI's form fields (other than `file`) as our options and how to answer."""
+    fields = upload.fields
+    unknown = sorted(set(fields) - KNOWN_FIELDS)
+    if unknown:
+        raise OpenAIError(
+            400,
+            "unknown_parameter",
+            f"unknown parameter {unknown[0]!r}; supported: file, "
+            + ", ".join(sorted(KNOWN_FIELDS - {"timestamp_granularities"})),
+            unknown[0],
+        )
+    model = fields.get("model", "").strip()
+    if not model:
+        raise OpenAIError(
+            400,
+            "missing_required_parameter",
+            f"'model' is required: send '{DEFAULT_MODEL_ALIAS}' for this board's default "
+            "model, or a model name its workers have",
+            "model",
+        )
+    response_format = fields.get("response_format", "json").strip() or "json"
+    if response_format not in RESPONSE_FORMATS:
+        raise OpenAIError(
+            400,
+            "invalid_value",
+            f"response_format {response_format!r} is not supported; use one of "
+            + ", ".join(RESPONSE_FORMATS),
+            "response_format",
+        )
+    granularities = tuple(
+        value.strip()
+        for name in ARRAY_FIELDS
+        for value in upload.repeated.get(name, [])
+        if value.strip()
+    )
+    if bad := [g for g in granularities if g not in GRANULARITIES]:
+        raise OpenAIError(
+            400,
+            "invalid_value",
+            f"timestamp_granularities[] {bad[0]!r} is not supported; use segment or word",
+            "timestamp_granularities",
+        )
+    if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
+        raise OpenAIError(
+            400,
+            "unsupported_value",
+            "streaming is not supported: omit 'stream' (OpenAI ignores it for whisper-1)",
+            "stream",
+        )
+    if temperature := fields.get("temperature", "").strip():  # accepted, not used
+        try:
+            if not 0 <= float(temperature) <= 1:
+                raise ValueError
+        except ValueError:
+            raise OpenAIError(
+                400,
+                "invalid_value",
+                f"temperature {temperature!r}: a number between 0 and 1",
+                "temperature",
+            ) from None
+    # Words cost an alignment pass: only computed when they will be returned.
+    words = response_format == "verbose_json" and "word" in granularities
+    options = {
+        "model": None if model == DEFAULT_MODEL_ALIAS else model,
+        "language": fields.get("language", "").strip() or None,
+        "word_timestamps": words,
+    }
+    try:
+        parsed = TranscriptionOptions.model_validate(options)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"]
+        raise OpenAIError(
+            400,
+            "invalid_value",
+            describe_validation(exc.errors()),
+            str(first[0]) if first else None,
+        ) from exc
+    return OpenAIRequest(response_format, granularities, parsed)
+
+
+# --- the route --------------------------------------------------------------------------
+
+
+def request_schema() -> dict[str, Any]:
+    """OpenAI's multipart request, documented by hand: the handler reads the body."""
+    text = {"type": "string"}
+    properties = {
+        "file": {"type": "string", "format": "binary"},
+        "model": {
+            **text,
+            "description": f"'{DEFAULT_MODEL_ALIAS}' for the board's default model, or a "
+            "model name its workers have",
+        },
+        "language": {**text, "description": "ISO 639-1 code such as 'en'; detected if omitted"},
+        "prompt": {**text, "description": "Accepted and ignored (not used by the workers)."},
+        "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
+        "timestamp_granularities[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(GRANULARITIES)},
+            "description": "With verbose_json: 'word' adds word timestamps.",
+        },
+        "temperature": {"type": "number", "description": "Accepted and ignored."},
+    }
+    schema = {"type": "object", "required": ["file", "model"], "properties": properties}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }
+
+
+router = APIRouter(prefix="/v1/audio", tags=["openai-compatible"], route_class=OpenAIRoute)
+Submitter = Annotated[Caller, allow("submit", "admin")]
+
+
+@router.post(
+    "/transcriptions",
+    openapi_extra=request_schema(),
+    summary="OpenAI-compatible transcription: upload, wait, and get the transcript",
+    responses={
+        200: {
+            "content": {
+                "application/json": {},
+                "text/plain": {},
+                transcripts.MEDIA_TYPES["srt"]: {},
+                transcripts.MEDIA_TYPES["vtt"]: {},
+            }
+        }
+    },
+)
+async def create_transcription(request: Request, caller: Submitter) -> Response:
+    """Submits the file through the farm, waits until its transcription finishes (up to
+    SCRIBEFARM_OPENAI_WAIT_SECONDS) and answers as OpenAI does. The transcription's id
+    is in the X-Scribefarm-Transcription-Id header."""
+    parsed: OpenAIRequest | None = None
+
+    def read_options(upload: Upload) -> TranscriptionOptions:
+        nonlocal parsed
+        parsed = read_request(upload)
+        return parsed.options
+
+    row = await submit_upload(request, caller, read_options)
+    assert parsed is not None  # submit_upload read the options, or raised
+    transcription_id = row["id"]
+    headers = {TRANSCRIPTION_HEADER: str(transcription_id)}
+    row = await wait_until_finished(request, transcription_id, caller)
+    if row is None:  # nobody is listening any more
+        return Response(status_code=499)
+    if row["state"] != "succeeded":
+        what = "failed" if row["state"] == "failed" else "was canceled"
+        reason = f": {row['error']}" if row["error"] else ""
+        message = f"transcription {transcription_id} {what}{reason}"
+        raise OpenAIError(422, f"transcription_{row['state']}", message, headers=headers)
+    document = await request.app.state.board.transcript_document(
+        transcription_id, caller.owner_filter
+    )
+    return answer(document, parsed, headers)
+
+
+def answer(document: dict[str, Any], parsed: OpenAIRequest, headers: dict[str, str]) -> Response:
+    fmt = parsed.response_format
+    if fmt == "json":
+        return JSONResponse({"text": document["text"]}, headers=headers)
+    if fmt == "text":
+        return PlainTextResponse(document["text"] + "\n", headers=headers)
+    if fmt == "verbose_json":
+        granularities = parsed.granularities or ("segment",)
+        body = transcripts.verbose_json(
+            document, segments="segment" in granularities, words="word" in granularities
+        )
+        return JSONResponse(body, headers=headers)
+    rendered = transcripts.render(document, fmt)
+    return Response(rendered, media_type=transcripts.MEDIA_TYPES[fmt], headers=headers)
