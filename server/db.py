@@ -60,12 +60,12 @@ async def keep_session(_conn: asyncpg.Connection) -> None:
     cursors), so the default reset query on every release is pure cost."""
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the schema to the newest migration, or to `revision` (idempotent)."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent.parent / "migrations"))
     config.attributes["database_url"] = sqlalchemy_url(url)
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)
