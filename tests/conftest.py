@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.farm import Server, create_database, free_port
+from tests.farm import ProtocolWorker, Server, create_database, free_port
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +60,21 @@ def server(make_server: Callable[..., Server]) -> Server:
 @pytest.fixture(scope="module")
 def keys(server: Server) -> dict[str, str]:
     return {role: server.create_key(role) for role in ("submit", "worker", "admin")}
+
+
+@pytest.fixture
+def submitter(server: Server, keys: dict[str, str]) -> Iterator[httpx.Client]:
+    """An API client with the module's submit key."""
+    with server.client(keys["submit"]) as client:
+        yield client
+
+
+@pytest.fixture
+def worker(server: Server, keys: dict[str, str]) -> Iterator[ProtocolWorker]:
+    """A registered worker speaking the protocol, whose results the test chooses."""
+    w = ProtocolWorker(server, keys["worker"])
+    yield w
+    w.close()
 
 
 @pytest.fixture(scope="session")

@@ -33,19 +33,6 @@ def clean_board(server):
     server.sql("TRUNCATE transcriptions, jobs, workers CASCADE")
 
 
-@pytest.fixture
-def submitter(server, keys):
-    with server.client(keys["submit"]) as client:
-        yield client
-
-
-@pytest.fixture
-def worker(server, keys):
-    w = ProtocolWorker(server, keys["worker"])
-    yield w
-    w.close()
-
-
 def submit_planned(submitter, worker, chunks: int) -> str:
     """A transcription whose chunk job has completed with `chunks` chunks."""
     tid = submit(submitter, b"audio bytes").json()["id"]

@@ -119,19 +119,6 @@ def clean_board(server):
     server.sql("TRUNCATE transcriptions, jobs, workers CASCADE")
 
 
-@pytest.fixture
-def submitter(server, keys):
-    with server.client(keys["submit"]) as client:
-        yield client
-
-
-@pytest.fixture
-def worker(server, keys):
-    w = ProtocolWorker(server, keys["worker"])
-    yield w
-    w.close()
-
-
 def path() -> str:
     return f"/hooks/{uuid.uuid4().hex[:8]}"
 
