@@ -160,7 +160,7 @@ def probe_source(source: str) -> Probe:
     if not names:
         raise _classify(source, proc.stderr)
     if not frame:
-        raise _zero_length()
+        raise _cut_short(source, proc.stderr) or _zero_length()
     return Probe(frozenset(names[1].split(",")), int(frame[2]), int(frame[1]))
 
 
@@ -220,11 +220,14 @@ class _FfmpegPipe:
     def __init__(self, source: str, stream: ffmpeg.nodes.FilterableStream) -> None:
         self.source = source
         out = ffmpeg.output(stream, "pipe:", format="f32le", ac=1, ar=SAMPLE_RATE)
-        out = out.global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+        # Over HTTP, warnings too: a failed request after the first is only a warning.
+        level = "warning" if is_url(source) else "error"
+        out = out.global_args("-nostdin", "-hide_banner", "-loglevel", level)
         self.proc = subprocess.Popen(
             out.compile(cmd=ffmpeg_binary()), stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         self._stderr: deque[bytes] = deque(maxlen=64)
+        self._http_error: str | None = None  # kept apart: the tail may lose it
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
 
@@ -232,6 +235,8 @@ class _FfmpegPipe:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self._stderr.append(line)
+            if self._http_error is None and _HTTP_ERROR.search(line.decode(errors="replace")):
+                self._http_error = line.decode(errors="replace")
 
     def blocks(self, block_bytes: int) -> Iterator[np.ndarray]:
         """Yield float32 blocks of ``block_bytes`` (the last may be shorter)."""
@@ -248,6 +253,8 @@ class _FfmpegPipe:
         self._drain.join()
         if self.proc.returncode != 0:
             raise _classify(self.source, b"".join(self._stderr).decode(errors="replace"))
+        if failed := _cut_short(self.source, self._http_error or ""):
+            raise failed
 
     def __enter__(self) -> _FfmpegPipe:
         return self
@@ -265,6 +272,14 @@ class _FfmpegPipe:
 # ffmpeg message fragment -> what a person should be told.
 _PERMANENT_REASONS = (
     ("matches no streams", "the file has no audio track; upload a recording that contains sound"),
+    (
+        # A header claiming an impossible rate (over ~134 MHz with ffmpeg 9): the
+        # resampler refuses the ratio, the same way on every try.
+        "Failed to initialize resampler",
+        "the audio's sample rate cannot be converted to 16 kHz (the file claims an "
+        "impossible rate, so its header is probably corrupt); convert the recording to "
+        "a common rate such as 48 kHz and upload it again",
+    ),
     (
         "moov atom not found",
         "the file is incomplete (the MP4 index is missing, often a truncated upload or "
@@ -292,8 +307,30 @@ _NETWORK_HINTS = (
 )
 
 
+# How ffmpeg's http protocol logs a request answered with an error status.
+_HTTP_ERROR = re.compile(r"HTTP error \d{3}[^\r\n]*")
+
+
+def _cut_short(source: str, stderr: str) -> MediaError | None:
+    """ffmpeg ends an input quietly, with status 0, when a request after the first one
+    (a seek's range request, a reconnect) is answered with an HTTP error: what it
+    decoded is then cut short or empty, and only a warning says so. Seen with S3
+    answering 503 SlowDown (tests/chaos): without this check such a read was a
+    silently truncated chunk, or a "zero length" file failed for good."""
+    if not is_url(source) or not (match := _HTTP_ERROR.search(stderr)):
+        return None
+    return MediaError(
+        f"could not fetch the source over the network ({match[0].strip()}); it will be retried",
+        permanent=False,
+    )
+
+
 def _classify(source: str, stderr: str) -> MediaError:
     """Turn ffmpeg's stderr into a MediaError a person can act on."""
+    if cut_short := _cut_short(source, stderr):
+        # A request failed: what ffmpeg then says about the content ("moov atom not
+        # found" when the seek to an MP4's index got a 503) is not about the file.
+        return cut_short
     detail = _last_error_line(stderr)
     network = is_url(source) and any(hint in stderr for hint in _NETWORK_HINTS)
     if network and "Invalid data found" not in stderr and "matches no streams" not in stderr:

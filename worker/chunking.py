@@ -12,9 +12,13 @@ Three steps, each usable alone:
   there is no pause at all in a maximum-length window (then at its quietest
   point, so the cut most likely falls between words).
 
-A source that is all silence is planned like any other (cut at the target
-length); its chunks transcribe to nothing quickly because the engine's voice
-activity detection finds no speech and never runs Whisper on them.
+A source in which nothing is audible (no 20 ms frame above ``INAUDIBLE_DBFS``:
+digital silence, a muted input) is planned as *no* chunks: the board then
+finishes it at once with an empty transcript of the full duration. Ten hours of
+it would otherwise be 600 transcribe jobs, each decoded, hashed and run through
+the engine's voice activity detection only to find nothing. A source with any
+sound at all is planned as usual; its silent stretches go to the engine, whose
+voice activity detection keeps Whisper off them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
 MIN_SILENCE_SECONDS = 0.3
 # Below this speech level (95th percentile of frames) the whole source counts as silence.
 SILENT_DBFS = -55.0
+# No frame louder than this: nothing for Whisper to hear, so nothing to transcribe.
+# Measured with tiny.en on speech scaled down (tests/integration/test_bad_media.py):
+# speech whose loudest frame is at -60 dBFS is transcribed, at -65 dBFS partly, at
+# -70 dBFS not at all; this leaves a margin under that.
+INAUDIBLE_DBFS = -80.0
 # Floor of the dB scale: digital silence.
 _FLOOR_DB = -100.0
 # In a pause longer than twice this, cut anywhere this far from the speech; in a
@@ -240,7 +249,8 @@ class _Planner:
 
 
 def plan_source(source: str, target_seconds: float, max_seconds: float) -> ChunkPlan:
-    """Decode the source (streamed), find its pauses and plan its chunks.
+    """Decode the source (streamed), find its pauses and plan its chunks (none when
+    nothing in it is audible).
 
     Raises MediaError when the source cannot be read or has no audio.
     """
@@ -249,6 +259,8 @@ def plan_source(source: str, target_seconds: float, max_seconds: float) -> Chunk
         meter.feed(block)
     envelope = meter.envelope()
     duration = meter.samples / SAMPLE_RATE
+    if envelope.db.size and float(envelope.db.max()) < INAUDIBLE_DBFS:
+        return ChunkPlan(duration_seconds=duration, chunks=[])
     chunks = plan_chunks(
         duration, envelope.silences(), target_seconds, max_seconds, envelope=envelope
     )

@@ -280,6 +280,10 @@ class Worker:
                 try:
                     await self.client.heartbeat(job)
                 except LeaseLost as exc:
+                    if key not in self.held:
+                        # Finished while this heartbeat was on its way: the 409 only
+                        # says the job succeeded. Nothing is lost, nothing to remember.
+                        continue
                     log.warning("lost the lease on job %s: %s", key, exc)
                     self.lost.add(key)
                 except Exception as exc:  # keep beating for the other jobs
