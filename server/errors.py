@@ -5,10 +5,58 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.protocol import ErrorBody
+
+# What each error status means on this API, for the OpenAPI schema. Routes list theirs
+# with `error_responses(...)`, so the schema documents every status they can answer.
+ERROR_DESCRIPTIONS = {
+    400: "The request is malformed.",
+    401: "No API key, or an unknown, revoked or expired one.",
+    403: "The API key's role may not use this route.",
+    404: "No such object (or not one this key may see).",
+    409: "The object is not in a state that allows this.",
+    413: "The upload (or one of its form fields) is over the limit.",
+    415: "The body is not of a media type this route accepts.",
+    422: "A parameter or a field of the body is missing or malformed; `message` names it.",
+    426: "The worker speaks an older or another major version of the worker protocol.",
+    429: "Over a limit; nothing was done. Try again after `Retry-After` seconds.",
+    503: "The server cannot reach its database.",
+    504: "The work goes on, but took longer than this request waits.",
+}
+RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer"},
+        }
+    },
+}
+
+
+def error_responses(
+    *statuses: int,
+    model: type[BaseModel] = ErrorBody,
+    descriptions: dict[int, str] | None = None,
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each status with the error body `model` and what it
+    means on that route (`descriptions`), else in general (ERROR_DESCRIPTIONS)."""
+    descriptions = descriptions or {}
+    return {
+        status: {
+            "model": model,
+            "description": descriptions.get(status, ERROR_DESCRIPTIONS[status]),
+            **({"headers": RESPONSE_HEADERS[status]} if status in RESPONSE_HEADERS else {}),
+        }
+        for status in statuses
+    }
 
 
 class ApiError(Exception):
@@ -22,6 +70,17 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+# PostgreSQL's text and jsonb cannot hold NUL (U+0000): asyncpg raises these when a
+# request's text carries one, wherever it was going to be stored. It is bad input.
+TEXT_REFUSED = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+
+
+def text_refused() -> ApiError:
+    return ApiError(
+        422, "invalid_text", "text may not contain NUL characters (\\u0000); remove them"
+    )
 
 
 def describe_validation(errors: Sequence[Any]) -> str:
@@ -42,7 +101,16 @@ def install(app: FastAPI) -> None:
     async def invalid(_: Request, exc: RequestValidationError):
         return error_response(422, "invalid_request", describe_validation(exc.errors()))
 
+    async def refused_text(_: Request, exc: Exception):
+        error = text_refused()
+        return error_response(error.status, error.code, error.message)
+
+    for refused in TEXT_REFUSED:
+        app.add_exception_handler(refused, refused_text)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI answers 400 for a body it cannot parse (JSON that is not UTF-8).
+        codes = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), exc.headers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.errors import ApiError
+from server.errors import ApiError, error_responses
 
 router = APIRouter(tags=["health"])
 PUBLIC = {"x-scribefarm-roles": ["public"]}
@@ -15,7 +15,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", openapi_extra=PUBLIC)
+@router.get(
+    "/readyz",
+    openapi_extra=PUBLIC,
+    responses=error_responses(503, descriptions={503: "Not ready: the database is unreachable."}),
+)
 async def readyz(request: Request) -> dict[str, str]:
     try:
         await request.app.state.board.ping()

@@ -11,8 +11,11 @@ from pydantic import BaseModel, Field
 
 from server import webhooks
 from server.auth import Caller, allow
+from server.errors import error_responses
 
-router = APIRouter(prefix="/v1/transcriptions", tags=["webhooks"])
+router = APIRouter(
+    prefix="/v1/transcriptions", tags=["webhooks"], responses=error_responses(401, 403, 404, 422)
+)
 Submitter = Annotated[Caller, allow("submit", "admin")]
 
 
