@@ -10,8 +10,8 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from server import db, errors, maintenance, webhooks
-from server.api import health, media, transcriptions, workers
+from server import autoscaler, dashboard, db, errors, maintenance, webhooks
+from server.api import health, media, metrics, transcriptions, workers
 from server.api import openai as openai_api
 from server.api import webhooks as webhooks_api
 from server.auth import KeyCache, RoleCheck
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(db.migrate, url)
         pool = await db.create_pool(url, settings.db_pool_size, init_connection)
         app.state.board = Board(pool, settings, app.state.storage)
+        scaler = autoscaler.from_settings(app.state.board, settings)  # None when off
         app.state.doorbell = Doorbell()
         app.state.finished = openai_api.FinishedWaiter()
         background = [
@@ -44,12 +45,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age = settings.retention_days * 86400
             expire = maintenance.expire(app.state.board, app.state.storage, max_age)
             background.append(asyncio.create_task(expire))
+        if scaler:
+            background.append(asyncio.create_task(scaler.run()))
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if scaler:
+                await scaler.provider.close()
             await pool.close()
 
     app = FastAPI(
@@ -64,11 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # /v1/media serves the local backend only; with S3, workers read presigned URLs.
     local = isinstance(app.state.storage, LocalStorage)
-    modules = (transcriptions, openai_api, webhooks_api, workers, media, health)
+    modules = (transcriptions, openai_api, webhooks_api, workers, media, health, metrics)
     served = [m for m in modules if local or m is not media]
     routers = [module.router for module in served]
     for router in routers:
         app.include_router(router)
+    dashboard.install(app)  # the web pages at /: not in the API's schema
     app.openapi = lambda: openapi_with_roles(app, routers)
     return app
 

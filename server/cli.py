@@ -104,20 +104,32 @@ def worker(
 @app.command()
 def up(
     port: Annotated[int, typer.Option(help="Port for the board.")] = 8000,
-    workers: Annotated[int, typer.Option(min=0, help="Local worker processes.")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Most local workers at once [one per core].")
+    ] = 0,
 ) -> None:
-    """Run a whole farm here: the embedded board plus local workers, until Ctrl-C."""
+    """Run a whole farm here: the embedded board plus local workers, until Ctrl-C. The
+    board's autoscaler starts the workers as work arrives (up to --workers, by default
+    one per core); they exit when idle."""
     from server.local import LocalFarm, local_keys
     from server.settings import Settings
 
     settings = Settings()
     keys = local_keys(settings)
     farm = LocalFarm(settings, port=port)
-    count, threads = local_worker_shape(workers)
+    count, _ = local_worker_shape(workers)
+    autoscaled = {
+        "SCRIBEFARM_AUTOSCALER": "local",
+        "SCRIBEFARM_AUTOSCALER_WORKER_KEY": keys["worker"],
+        "SCRIBEFARM_PUBLIC_URL": farm.url,
+        "SCRIBEFARM_MAX_WORKERS": str(count),
+        "SCRIBEFARM_AUTOSCALER_INTERVAL_SECONDS": os.environ.get(
+            "SCRIBEFARM_AUTOSCALER_INTERVAL_SECONDS", "2"
+        ),
+    }
     try:
-        farm.start_server()
-        farm.start_workers(count, keys["worker"], threads)
-        typer.echo(f"\nscribefarm is up: {farm.url}  ({count} local worker(s))")
+        farm.start_server(env=autoscaled)
+        typer.echo(f"\nscribefarm is up: {farm.url}  (up to {count} workers, as work arrives)")
         typer.echo(f"API docs: {farm.url}/docs   admin key (also in {settings.data_dir}):")
         typer.echo(keys["admin"])
         while all(p.poll() is None for p in farm.processes[:1]):

@@ -63,8 +63,8 @@ class LocalFarm:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start_server(self, timeout: float = 60) -> None:
-        self._spawn("server", "--host", self.host, "--port", str(self.port))
+    def start_server(self, timeout: float = 60, env: dict[str, str] | None = None) -> None:
+        self._spawn("server", "--host", self.host, "--port", str(self.port), env=env)
         wait_until_ready(self.url, self.processes[0], timeout)
 
     def start_workers(self, count: int, key: str, threads: int) -> None:

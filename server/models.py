@@ -136,6 +136,9 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_leased", "lease_expires_at", postgresql_where=text("state = 'leased'")),
         # Fan-in and progress read a transcription's jobs.
         Index("ix_jobs_transcription", "transcription_id", "seq", unique=True),
+        # The dashboard: throughput and history over recent minutes, and the dead jobs.
+        Index("ix_jobs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
+        Index("ix_jobs_dead", "finished_at", postgresql_where=text("state = 'dead'")),
     )
 
     id: UUID = Field(
@@ -209,6 +212,12 @@ class WebhookDelivery(SQLModel, table=True):
             postgresql_where=text("state = 'pending'"),
         ),
         Index("ix_webhook_deliveries_transcription", "transcription_id", "created_at"),
+        # GET /metrics counts the failed ones at every scrape.
+        Index(
+            "ix_webhook_deliveries_failed",
+            "created_at",
+            postgresql_where=text("state = 'failed'"),
+        ),
     )
 
     id: UUID = Field(

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.urlguard import Allowlist
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_active_per_key: int = Field(default=100, ge=1)
     submissions_per_minute: int = Field(default=60, ge=1)
     max_workers: int = Field(default=1000, ge=1)
+    # Not heard from for this long and holding no live lease: the worker is gone (it no
+    # longer counts against max_workers). Long polls end after half of it at most.
+    worker_gone_seconds: float = Field(default=120.0, ge=2)
 
     lease_seconds: float = 30.0
     max_attempts: int = 5
@@ -109,7 +112,41 @@ class Settings(BaseSettings):
         default=3600.0, description="How long /v1/audio/transcriptions waits for its result."
     )
 
-    @field_validator("url_allowlist", mode="before")
+    # The autoscaler (server/autoscaler/, docs/deploy.md): off, or who starts workers.
+    autoscaler: str = Field(default="off", pattern="^(off|local|fly)$")
+    autoscaler_interval_seconds: float = Field(default=10.0, gt=0)
+    autoscaler_target_seconds: float = Field(
+        default=300.0, gt=0, description="Aim to finish the queued audio within this long."
+    )
+    autoscaler_assumed_speed: float = Field(
+        default=10.0, gt=0, description="× realtime per worker until one has been measured."
+    )
+    autoscaler_idle_seconds: float = Field(
+        default=120.0, gt=0, description="Started workers exit after this long without work."
+    )
+    autoscaler_worker_key: SecretStr | None = Field(
+        default=None, description="The worker key the local provider gives its workers."
+    )
+    fly_app: str | None = Field(
+        default=None, validation_alias=AliasChoices("SCRIBEFARM_FLY_APP", "FLY_APP_NAME")
+    )
+    fly_api_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SCRIBEFARM_FLY_API_TOKEN", "FLY_API_TOKEN")
+    )
+    fly_api_url: str = "https://api.machines.dev/v1"
+    fly_worker_image: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCRIBEFARM_FLY_WORKER_IMAGE", "FLY_IMAGE_REF"),
+    )
+    fly_regions: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("SCRIBEFARM_FLY_REGIONS", "PRIMARY_REGION", "FLY_REGION"),
+    )
+    fly_worker_cpu_kind: str = Field(default="performance", pattern="^(shared|performance)$")
+    fly_worker_cpus: int = Field(default=2, ge=1)
+    fly_worker_memory_mb: int = Field(default=4096, ge=256)
+
+    @field_validator("url_allowlist", "fly_regions", mode="before")
     @classmethod
     def comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -31,12 +31,12 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from server import transcripts
 from server.api.transcriptions import submit_upload
 from server.auth import Caller, allow
-from server.errors import ApiError, describe_validation
+from server.errors import TEXT_REFUSED, ApiError, describe_validation, error_responses, text_refused
 from server.protocol import TranscriptionOptions
 from server.uploads import Upload
 from server.webhooks import FINISHED_CHANNEL
@@ -78,6 +78,21 @@ class OpenAIError(ApiError):
         self.param = param
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="`invalid_request_error`, `requests` (429) or `server_error`.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape, with scribefarm's `code` and `message` at the top level too."""
+
+    error: OpenAIErrorDetail
+    code: str
+    message: str
+
+
 def error_response(
     status: int, code: str, message: str, param: str | None, headers: dict | None
 ) -> JSONResponse:
@@ -112,6 +127,9 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as exc:
                 message = describe_validation(exc.errors())
                 return error_response(400, "invalid_request", message, None, None)
+            except TEXT_REFUSED:  # a NUL in a form field: an invalid value, as OpenAI says
+                refused = text_refused()
+                return error_response(400, refused.code, refused.message, None, None)
 
         return handle
 
@@ -328,10 +346,16 @@ def request_schema() -> dict[str, Any]:
         "file": {"type": "string", "format": "binary"},
         "model": {
             **text,
+            "pattern": r"\S",
+            "maxLength": 200,
             "description": f"'{DEFAULT_MODEL_ALIAS}' for the board's default model, or a "
             "model name its workers have",
         },
-        "language": {**text, "description": "ISO 639-1 code such as 'en'; detected if omitted"},
+        "language": {
+            **text,
+            "pattern": "^[a-z]{2,3}$",
+            "description": "ISO 639-1 code such as 'en'; detected if omitted",
+        },
         "prompt": {**text, "description": "Accepted and ignored (not used by the workers)."},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
         "timestamp_granularities[]": {
@@ -339,9 +363,20 @@ def request_schema() -> dict[str, Any]:
             "items": {"type": "string", "enum": list(GRANULARITIES)},
             "description": "With verbose_json: 'word' adds word timestamps.",
         },
-        "temperature": {"type": "number", "description": "Accepted and ignored."},
+        "temperature": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "Accepted and ignored.",
+        },
+        "stream": {"type": "boolean", "enum": [False], "description": "Only false: no streaming."},
     }
-    schema = {"type": "object", "required": ["file", "model"], "properties": properties}
+    schema = {
+        "type": "object",
+        "required": ["file", "model"],
+        "properties": properties,
+        "additionalProperties": False,  # other fields are refused, not ignored
+    }
     return {
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
     }
@@ -363,7 +398,25 @@ Submitter = Annotated[Caller, allow("submit", "admin")]
                 transcripts.MEDIA_TYPES["srt"]: {},
                 transcripts.MEDIA_TYPES["vtt"]: {},
             }
-        }
+        },
+        **error_responses(
+            400,
+            401,
+            403,
+            413,
+            415,
+            422,
+            429,
+            504,
+            model=OpenAIErrorBody,
+            descriptions={
+                400: "A missing `file` or `model`, an unknown field or value, a malformed form.",
+                422: "The transcription failed (`transcription_failed`) or was canceled "
+                "(`transcription_canceled`).",
+                504: "Still running after SCRIBEFARM_OPENAI_WAIT_SECONDS "
+                "(`transcription_timeout`); it goes on.",
+            },
+        ),
     },
 )
 async def create_transcription(request: Request, caller: Submitter) -> Response:

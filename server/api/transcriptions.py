@@ -19,7 +19,7 @@ from pydantic import Field, HttpUrl, ValidationError
 
 from server import transcripts, urlguard
 from server.auth import Caller, allow
-from server.errors import ApiError, describe_validation
+from server.errors import ApiError, describe_validation, error_responses
 from server.protocol import (
     Progress,
     TranscriptFormat,
@@ -30,14 +30,19 @@ from server.protocol import (
 )
 from server.uploads import Upload, file_stream
 
-router = APIRouter(prefix="/v1/transcriptions", tags=["transcriptions"])
+router = APIRouter(
+    prefix="/v1/transcriptions",
+    tags=["transcriptions"],
+    responses=error_responses(401, 403, 422),
+)
 Submitter = Annotated[Caller, allow("submit", "admin")]
 
 
 def submission_schema() -> dict[str, Any]:
     """Two ways to submit, documented by hand: the handler reads the body itself."""
     options = TranscriptionOptions.model_json_schema()
-    upload = {"file": {"type": "string", "format": "binary"}, **options["properties"]}
+    fields = {name: form_field(schema) for name, schema in options["properties"].items()}
+    upload = {"file": {"type": "string", "format": "binary"}, **fields}
     from_url = {"url": UrlSource.model_json_schema()["properties"]["url"], **options["properties"]}
 
     def body(properties: dict[str, Any], required: str) -> dict[str, Any]:
@@ -51,6 +56,15 @@ def submission_schema() -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
+def form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """An option as a form field: it cannot be null (leaving it out means the default)."""
+    variants = [v for v in schema.get("anyOf", ()) if v != {"type": "null"}]
+    if len(variants) != 1:
+        return schema
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return {**variants[0], **rest}
+
+
 class UrlSource(TranscriptionOptions):
     url: HttpUrl = Field(description="http(s) URL workers read the media from (range requests).")
 
@@ -60,6 +74,7 @@ class UrlSource(TranscriptionOptions):
     status_code=201,
     response_model=Transcription,
     openapi_extra=submission_schema(),
+    responses=error_responses(413, 415, 429),
     summary="Submit an audio or video file (multipart 'file' plus options) or a URL (JSON)",
 )
 async def submit(request: Request, caller: Submitter) -> Transcription:
@@ -113,16 +128,16 @@ async def submit_upload(
     return await state.board.get(transcription_id, None)
 
 
-async def submit_url(request: Request, caller: Caller) -> Any:
-    """Queues a transcription of media at a URL; workers read it from there."""
+async def submit_url(
+    request: Request, caller: Caller, read_source: Callable[[Request], Any] | None = None
+) -> Any:
+    """Queues a transcription of media at a URL; workers read it from there. The URL and
+    options come from `read_source(request)` (an awaitable; the JSON body by default)."""
     state = request.app.state
     limited = caller.role != "admin"
     if limited:  # before the URL is probed, not after
         await state.board.check_limits(caller.key_id)
-    try:
-        source = UrlSource.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
+    source = await (read_source or json_source)(request)
     await check_options(request, source)
     url = str(source.url)
     await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
@@ -141,6 +156,19 @@ async def submit_url(request: Request, caller: Caller) -> Any:
         limited=limited,
     )
     return await state.board.get(transcription_id, None)
+
+
+async def json_source(request: Request) -> UrlSource:
+    return parse_source(await request.body())
+
+
+def parse_source(data: bytes | dict[str, Any]) -> UrlSource:
+    try:
+        if isinstance(data, bytes):
+            return UrlSource.model_validate_json(data)
+        return UrlSource.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
 
 
 def parse_options(upload: Upload) -> TranscriptionOptions:
@@ -209,7 +237,7 @@ async def list_transcriptions(
     )
 
 
-@router.get("/{transcription_id}", response_model=Transcription)
+@router.get("/{transcription_id}", response_model=Transcription, responses=error_responses(404))
 async def get_transcription(
     request: Request, transcription_id: UUID, caller: Submitter
 ) -> Transcription:
@@ -217,21 +245,31 @@ async def get_transcription(
     return transcription_view(row)
 
 
-@router.post("/{transcription_id}/cancel", response_model=Transcription)
+@router.post(
+    "/{transcription_id}/cancel",
+    response_model=Transcription,
+    responses=error_responses(404, 409, descriptions={409: "It has already finished."}),
+)
 async def cancel(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:
     board = request.app.state.board
     await board.cancel(transcription_id, caller.owner_filter)
     return transcription_view(await board.get(transcription_id, caller.owner_filter))
 
 
-@router.post("/{transcription_id}/retry", response_model=Transcription)
+@router.post(
+    "/{transcription_id}/retry",
+    response_model=Transcription,
+    responses=error_responses(
+        404, 409, descriptions={409: "Only failed or canceled transcriptions can be retried."}
+    ),
+)
 async def retry(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:
     board = request.app.state.board
     await board.retry_transcription(transcription_id, caller.owner_filter)
     return transcription_view(await board.get(transcription_id, caller.owner_filter))
 
 
-@router.delete("/{transcription_id}", status_code=204)
+@router.delete("/{transcription_id}", status_code=204, responses=error_responses(404))
 async def delete(request: Request, transcription_id: UUID, caller: Submitter) -> Response:
     """Deletes the transcription, its transcript and its stored media (canceling it
     first when it is still running)."""
@@ -244,7 +282,10 @@ async def delete(request: Request, transcription_id: UUID, caller: Submitter) ->
 @router.get(
     "/{transcription_id}/transcript",
     summary="The transcript as txt, srt, vtt, json or verbose_json",
-    responses={200: {"content": {t: {} for t in transcripts.MEDIA_TYPES.values()}}},
+    responses={
+        200: {"content": {t: {} for t in transcripts.MEDIA_TYPES.values()}},
+        **error_responses(404, 409, descriptions={409: "It has not succeeded (yet)."}),
+    },
 )
 async def get_transcript(
     request: Request,

@@ -13,7 +13,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Header, Request
 
 from server.auth import Caller, allow
-from server.errors import ApiError
+from server.errors import ApiError, error_responses
 from server.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -52,14 +52,30 @@ async def protocol_version(
         )
 
 
-router = APIRouter(prefix="/v1", tags=["worker protocol"], dependencies=[Depends(protocol_version)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["worker protocol"],
+    dependencies=[Depends(protocol_version)],
+    responses=error_responses(
+        400, 401, 403, 422, 426, descriptions={400: "The body is not UTF-8 (`malformed_body`)."}
+    ),
+)
 WorkerKey = Annotated[Caller, allow("worker")]
-LEASE_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {"description": "The lease is no longer current (or the job was canceled)."}
-}
+LEASE_ERRORS = error_responses(
+    409,
+    descriptions={
+        409: "The lease is no longer current, the job was canceled, or it is gone "
+        "(`lease_lost`, `job_canceled`, `job_gone`): drop its work."
+    },
+)
 
 
-@router.post("/workers", response_model=Registration, status_code=201)
+@router.post(
+    "/workers",
+    response_model=Registration,
+    status_code=201,
+    responses=error_responses(429, descriptions={429: "The board has SCRIBEFARM_MAX_WORKERS."}),
+)
 async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey) -> Registration:
     state = request.app.state
     worker_id = await state.board.register_worker(caller.key_id, caps.model_dump())
@@ -67,13 +83,20 @@ async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey
     return Registration(worker_id=worker_id, lease_seconds=lease, heartbeat_seconds=lease / 3)
 
 
-@router.post("/jobs/claim", response_model=ClaimResponse)
+@router.post(
+    "/jobs/claim",
+    response_model=ClaimResponse,
+    responses=error_responses(
+        404, descriptions={404: "The worker is not registered with this key: register again."}
+    ),
+)
 async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> ClaimResponse:
     """Claims up to `max_jobs` jobs this worker can run; waits up to `wait_seconds` for
     work to arrive when there is none."""
     state = request.app.state
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + body.wait_seconds
+    # An idle worker must be heard from before it would look gone.
+    deadline = loop.time() + min(body.wait_seconds, state.settings.worker_gone_seconds / 2)
 
     def claim_now():
         return state.board.claim(
