@@ -130,7 +130,8 @@ def up(
     try:
         farm.start_server(env=autoscaled)
         typer.echo(f"\nscribefarm is up: {farm.url}  (up to {count} workers, as work arrives)")
-        typer.echo(f"API docs: {farm.url}/docs   admin key (also in {settings.data_dir}):")
+        typer.echo(f"dashboard: {farm.url}/   API docs: {farm.url}/docs")
+        typer.echo(f"sign in with the admin key (also in {settings.data_dir}):")
         typer.echo(keys["admin"])
         while all(p.poll() is None for p in farm.processes[:1]):
             time.sleep(1)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ffmpeg
+import jiwer
 import numpy as np
 import pytest
 
@@ -176,6 +177,12 @@ def decode(path: Path | str) -> np.ndarray:
 def normalise_text(text: str) -> str:
     """Lower case, letters, digits and single spaces: for word error rates."""
     return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).replace("'", "").split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """WER of a transcript against the text espeak-ng read. Tests bound it rather than
+    look for single words: tiny.en hears "lighthouse" as "light has" on some runs."""
+    return jiwer.wer(normalise_text(reference), normalise_text(hypothesis))
 
 
 def shared_media(tmp_path_factory: pytest.TempPathFactory) -> MediaFactory:

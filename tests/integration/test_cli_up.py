@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tests.farm import SCRIBEFARM, free_port, wait_for
+from tests.speech import PARAGRAPHS, word_error_rate
 
 pytestmark = pytest.mark.timeout(180)
 FINISHED = ("succeeded", "failed", "canceled")
@@ -60,7 +61,8 @@ def test_up_starts_workers_for_a_submission_and_they_exit_when_idle(tmp_path, me
             return view["state"] if view["state"] in FINISHED else None
 
         assert wait_for(state, 90, "the transcription to finish") == "succeeded"
-        assert "lighthouse" in client.get(f"/v1/transcriptions/{tid}/transcript").text.lower()
+        text = client.get(f"/v1/transcriptions/{tid}/transcript").json()["text"]
+        assert word_error_rate(PARAGRAPHS[0], text) < 0.2, text
         wait_for(lambda: not workers_of(up), 60, "the workers to exit when idle")
         assert up.poll() is None  # the board stays up
     finally:

@@ -28,9 +28,14 @@ else:
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PYANNOTE_METRICS_ENABLED"] = "false"
 
-import jiwer  # noqa: E402
 
-from tests.speech import PARAGRAPHS, MediaFactory, decode, normalise_text, shared_media  # noqa: E402
+from tests.speech import (  # noqa: E402
+    PARAGRAPHS,
+    MediaFactory,
+    decode,
+    shared_media,
+    word_error_rate,
+)
 from worker.engines import (  # noqa: E402
     ENGINE_NAMES,
     EngineInput,
@@ -63,10 +68,6 @@ def text_of(output: EngineOutput) -> str:
     return " ".join(segment.text for segment in output.segments)
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    return jiwer.wer(normalise_text(reference), normalise_text(hypothesis))
-
-
 def test_engine_describes_itself(engine):
     assert "whisperx" in ENGINE_NAMES
     assert engine.name == "whisperx"
@@ -81,7 +82,7 @@ def test_transcribes_known_text_with_a_low_word_error_rate(engine, media):
     started = time.monotonic()
     [output] = engine.transcribe_batch([EngineInput(audio)])
     elapsed = time.monotonic() - started
-    error = wer(" ".join(PARAGRAPHS[i] for i in indices), text_of(output))
+    error = word_error_rate(" ".join(PARAGRAPHS[i] for i in indices), text_of(output))
     print(f"whisperx tiny.en: WER {error:.3f}, {audio.size / SR / elapsed:.1f}x realtime on CPU")
     assert error < 0.2  # faster-whisper's bound on the same speech; seen here: 0.058
     assert output.language == "en" and output.language_probability == 1.0
@@ -118,10 +119,10 @@ def test_a_batch_of_chunks_gives_one_output_per_chunk_in_order(engine, media):
     ]
     together = engine.transcribe_batch(chunks)
     assert len(together) == len(chunks)
-    assert wer(PARAGRAPHS[3], text_of(together[0])) < 0.25
+    assert word_error_rate(PARAGRAPHS[3], text_of(together[0])) < 0.25
     assert together[1].segments == []
     assert "short" in text_of(together[2]).lower()
-    assert wer(PARAGRAPHS[0], text_of(together[3])) < 0.25
+    assert word_error_rate(PARAGRAPHS[0], text_of(together[3])) < 0.25
     assert together[4].segments == []
     for chunk, output in zip(chunks, together, strict=True):
         end = chunk.offset + chunk.audio.size / SR
@@ -146,7 +147,7 @@ def test_without_a_local_alignment_model_there_are_no_words_and_a_log_says_so(
         [output] = engine.transcribe_batch([EngineInput(audio, word_timestamps=True)])
     assert output.segments and all(s.words is None for s in output.segments)
     assert "without words" in caplog.text
-    assert wer(PARAGRAPHS[2], text_of(output)) < 0.25
+    assert word_error_rate(PARAGRAPHS[2], text_of(output)) < 0.25
 
 
 @pytest.fixture
@@ -202,7 +203,7 @@ def test_words_come_from_a_local_alignment_model(media, stand_in_aligner):
     end = 42.0 + audio.size / SR
     [output] = engine.transcribe_batch([EngineInput(audio, offset=42.0, word_timestamps=True)])
     words = [w for s in output.segments for w in (s.words or [])]
-    assert wer(PARAGRAPHS[1], " ".join(w.word for w in words)) < 0.25
+    assert word_error_rate(PARAGRAPHS[1], " ".join(w.word for w in words)) < 0.25
     for segment in output.segments:  # split into sentences, each with its words
         assert segment.words, segment.text
         assert " ".join(w.word for w in segment.words) == segment.text
@@ -240,7 +241,7 @@ def test_a_worker_process_transcribes_with_whisperx(make_server, media):
     [registered] = server.sql("select engine, models, device from workers")
     assert registered == {"engine": "whisperx", "models": ["tiny.en"], "device": "cpu"}
     reference = " ".join(PARAGRAPHS[i] for i in indices)
-    assert wer(reference, transcript["text"]) < 0.2
+    assert word_error_rate(reference, transcript["text"]) < 0.2
     starts = [s["start"] for s in transcript["segments"]]
     assert starts == sorted(starts)
     assert transcript["segments"][-1]["end"] <= decode(speech).size / SR
