@@ -152,9 +152,12 @@ def test_requeue_of_a_dead_job_retries_its_transcription(make_server):
         )
         admin = signed_in(server, keys["admin"])
         assert "not media" in admin.http.get("/board").text
+        # Not media at all: its page offers no player.
+        assert 'id="player"' not in admin.http.get(f"/transcriptions/{tid}").text
         done = admin.http.post(requeue, data={"csrf_token": admin.csrf("/board")})
         assert done.status_code == 303 and done.headers["location"] == "/board"
         assert client.get(f"/v1/transcriptions/{tid}").json()["state"] == "running"
+        assert 'id="player"' in admin.http.get(f"/transcriptions/{tid}").text
         [row] = server.sql("SELECT state, attempts, error FROM jobs WHERE id = $1", job["id"])
         assert row == {"state": "queued", "attempts": 0, "error": None}
         again = admin.http.post(requeue, data={"csrf_token": admin.csrf("/board")})
