@@ -95,8 +95,10 @@ def openapi_with_roles(app: FastAPI, routers: list[APIRouter]) -> dict:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
         for route in routes:
-            if roles := route_roles(route):
+            if roles := route_roles(route):  # a key is checked against the board: 503 too
                 for method in route.methods:
-                    schema["paths"][route.path_format][method.lower()]["x-scribefarm-roles"] = roles
+                    operation = schema["paths"][route.path_format][method.lower()]
+                    operation["x-scribefarm-roles"] = roles
+                    operation["responses"].setdefault("503", errors.database_down_response())
         app.openapi_schema = schema
     return app.openapi_schema

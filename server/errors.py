@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +15,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.protocol import ErrorBody
+
+log = logging.getLogger(__name__)
 
 # What each error status means on this API, for the OpenAPI schema. Routes list theirs
 # with `error_responses(...)`, so the schema documents every status they can answer.
@@ -30,15 +34,28 @@ ERROR_DESCRIPTIONS = {
     503: "The server cannot reach its database.",
     504: "The work goes on, but took longer than this request waits.",
 }
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
+}
 RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
-    429: {
-        "Retry-After": {
-            "description": "Seconds to wait before trying again.",
-            "schema": {"type": "integer"},
-        }
-    },
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
 }
+
+
+def database_down_response() -> dict[str, Any]:
+    """The 503 every route that reads the board may answer, in OpenAPI's own form."""
+    return {
+        "description": ERROR_DESCRIPTIONS[503],
+        "headers": RETRY_AFTER,
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}
+        },
+    }
 
 
 def error_responses(
@@ -83,6 +100,24 @@ def text_refused() -> ApiError:
     )
 
 
+# While PostgreSQL is down or restarting, requests answer 503 with Retry-After (what
+# workers and polite clients retry on) rather than a bare 500.
+DATABASE_DOWN = (
+    asyncpg.PostgresConnectionError,  # the connection broke mid-request
+    asyncpg.OperatorInterventionError,  # shutting down, starting up, crashed
+    asyncpg.TooManyConnectionsError,
+    OSError,  # refused, or its socket is gone: counted only when asyncpg raised it
+)
+DATABASE_RETRY_SECONDS = 5
+
+
+def raised_by_asyncpg(exc: BaseException) -> bool:
+    return any(
+        frame.f_globals.get("__name__", "").startswith("asyncpg")
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
 def describe_validation(errors: Sequence[Any]) -> str:
     """One readable line per problem: where it is and what is wrong."""
     lines = []
@@ -107,6 +142,17 @@ def install(app: FastAPI) -> None:
 
     for refused in TEXT_REFUSED:
         app.add_exception_handler(refused, refused_text)
+
+    async def database_down(_: Request, exc: Exception):
+        if not raised_by_asyncpg(exc):
+            raise exc  # not the database: a bug, answered 500 and logged as one
+        log.warning("the database is unreachable: %r", exc)
+        message = "the board's database is unreachable; try again shortly"
+        headers = {"Retry-After": str(DATABASE_RETRY_SECONDS)}
+        return error_response(503, "database_unavailable", message, headers)
+
+    for down in DATABASE_DOWN:
+        app.add_exception_handler(down, database_down)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

