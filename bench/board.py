@@ -40,22 +40,21 @@ import psutil
 from bench import common
 from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from server.settings import Settings
-from tests.farm import free_port, with_database
+from tests.farm import BURST_SETTINGS, free_port, with_database
 
 if importlib.util.find_spec("sniffio") is None:
     # httpcore tries `import sniffio` on every request; without the package each try
     # searches sys.path again (a sixth of the client's CPU). None makes it fail at once.
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Board (bench/board.py)"
 PROTOCOL = {PROTOCOL_HEADER: PROTOCOL_VERSION}
 
 WAIT_SECONDS = 5.0  # the long poll every simulated worker asks for
 CHUNKS_PER_TRANSCRIPTION = 500  # 500 one-minute chunks: an 8-hour recording
-# The server runs with its defaults: the bench passes it no SCRIBEFARM_ settings.
+# The server runs with its defaults, but for the per-key limits and deduplication: the
+# bench submits thousands of the same bytes (tests/farm.py BURST_SETTINGS).
 DB_POOL_SIZE: int = Settings.model_fields["db_pool_size"].default
 MODEL: str = Settings.model_fields["default_model"].default  # what transcribe jobs need
 PHASE_TIMEOUT = 180.0
@@ -172,6 +171,7 @@ class BoardProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBEFARM_")}
         env.pop("DATABASE_URL", None)
         env.update(SCRIBEFARM_DATA_DIR=str(self.data_dir), SCRIBEFARM_LOG_FORMAT="text")
+        env.update({f"SCRIBEFARM_{k.upper()}": v for k, v in BURST_SETTINGS.items()})
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
         return env
@@ -969,8 +969,6 @@ def render(report: Report) -> str:
     from importlib.metadata import version
 
     lines = [
-        SECTION,
-        "",
         f"Run {m['date']} at commit {m['commit']}: {m['cpus']} × {m['cpu']}, {m['ram']} RAM, "
         f"Python {m['python']}, PostgreSQL {m.get('postgres', '?')} "
         f"({'external' if o.database_url else 'embedded'}); load average (1, 5, 15 min) "
@@ -1008,25 +1006,6 @@ def render(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    """Replaces this benchmark's section; keeps the rest and any '### Analysis' written
-    by hand under it."""
-    header = "# Benchmark results\n\nFigures recorded by the benchmarks in `bench/`.\n"
-    text = RESULTS.read_text() if RESULTS.exists() else header
-    start = text.find(SECTION)
-    if start < 0:
-        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    following = text.find("\n## ", start + len(SECTION))
-    end = len(text) if following < 0 else following + 1
-    old = text[start:end]
-    analysis = old.find("\n### Analysis")
-    if analysis >= 0:
-        section = section + old[analysis:].rstrip("\n") + "\n"
-    tail = text[end:]
-    RESULTS.write_text(text[:start] + section + ("\n" + tail if tail else ""))
-
-
 def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workers", default="10,100,500", help="concurrent simulated workers")
@@ -1052,13 +1031,7 @@ def parse(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> None:
     opts = parse(argv)
     report = event_loop_run(run(opts))
-    section = render(report)
-    print("\n" + section)
-    if opts.quick:
-        print("(--quick: bench/RESULTS.md left as it was)")
-    else:
-        write_results(section)
-        print(f"recorded in {RESULTS.relative_to(ROOT)}")
+    common.publish(SECTION, render(report), record=not opts.quick)
 
 
 def event_loop_run(coro: Any) -> Report:

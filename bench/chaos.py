@@ -33,9 +33,9 @@ from bench.common import (
     log,
     machine_info,
     media,
+    publish,
     verdict,
     wait_until_quiet,
-    write_section,
 )
 from tests.chaos.harness import KINDS, LABELS, ChaosConfig, ChaosFarm, RoundReport, make_files
 
@@ -225,12 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shutil.rmtree(work, ignore_errors=True)
     section = report(results, info, load_start, quiet)
-    print("\n" + section)
-    if options.record:
-        write_section(SECTION, section)
-        print("recorded in bench/RESULTS.md")
-    else:
-        print("(--quick/--no-record: bench/RESULTS.md left as it was)")
+    publish(SECTION, section, options.record)
 
 
 if __name__ == "__main__":

