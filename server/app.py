@@ -15,8 +15,9 @@ from server.api import health, media, metrics, transcriptions, workers
 from server.api import openai as openai_api
 from server.api import webhooks as webhooks_api
 from server.auth import KeyCache, RoleCheck
-from server.board import Board, init_connection
+from server.board import JOBS_CHANNEL, Board, init_connection
 from server.doorbell import Doorbell
+from server.notifications import Notifications
 from server.settings import Settings
 from server.storage import LocalStorage, open_storage
 
@@ -31,15 +32,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = await db.create_pool(url, settings.db_pool_size, init_connection)
         app.state.board = Board(pool, settings, app.state.storage)
         scaler = autoscaler.from_settings(app.state.board, settings)  # None when off
+        notifications = Notifications()
         app.state.doorbell = Doorbell()
-        app.state.finished = openai_api.FinishedWaiter()
+        notifications.subscribe(JOBS_CHANNEL, app.state.doorbell.notified)
+        app.state.finished = openai_api.FinishedWaiter(notifications)
+        sender = webhooks.WebhookSender(pool, settings, notifications)
         background = [
-            asyncio.create_task(maintenance.listen(url, app.state.doorbell, settings.poll_seconds)),
+            asyncio.create_task(notifications.run(url, settings.poll_seconds)),
             asyncio.create_task(
                 maintenance.poll(app.state.board, app.state.doorbell, settings.poll_seconds)
             ),
-            asyncio.create_task(webhooks.WebhookSender(pool, settings).run(url)),
-            asyncio.create_task(app.state.finished.run(url, settings.poll_seconds)),
+            asyncio.create_task(sender.run()),
         ]
         if settings.retention_days:
             max_age = settings.retention_days * 86400

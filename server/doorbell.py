@@ -37,6 +37,10 @@ class Doorbell:
             except ValueError:
                 pass
 
+    def notified(self, payload: str) -> None:
+        """A NOTIFY on the board's jobs channel: its payload is how many jobs were queued."""
+        self.ring(int(payload) if payload.isdigit() else 1)
+
     def ring(self, count: int) -> None:
         woken = 0
         for waiter in list(self._waiters):

@@ -40,6 +40,7 @@ from uuid import UUID
 import asyncpg
 import httpx
 
+from server.notifications import Notifications
 from server.settings import Settings
 from server.urlguard import UrlRefused, UrlUnreachable, check_url
 
@@ -147,19 +148,21 @@ class Outcome:
 class WebhookSender:
     """Sends due deliveries, up to CONCURRENCY at once, until cancelled."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings):
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, notifications: Notifications):
         self.pool = pool
         self.settings = settings
         self.in_flight: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
+        # A finished transcription may have queued deliveries; on (re)connecting, look
+        # for whatever finished while no one listened.
+        notifications.subscribe(FINISHED_CHANNEL, lambda _id: self.wake.set(), self.wake.set)
 
     @property
     def lease_seconds(self) -> float:
         """Longer than any attempt can take: the URL check, then the request's timeout."""
         return 2 * self.settings.webhook_timeout_seconds + 30
 
-    async def run(self, database_url: str) -> None:
-        listener = asyncio.create_task(listen(database_url, self.wake, IDLE_POLL_SECONDS))
+    async def run(self) -> None:
         try:
             async with httpx.AsyncClient(
                 follow_redirects=False,
@@ -172,7 +175,7 @@ class WebhookSender:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), sleep)
         finally:
-            tasks = [listener, *self.in_flight]
+            tasks = list(self.in_flight)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -280,27 +283,3 @@ class WebhookSender:
                 "redirects: give the final URL as webhook_url",
             )
         return Outcome(status_code=code, error=f"answered HTTP {code}; a 2xx answer is needed")
-
-
-async def listen(url: str, wake: asyncio.Event, retry_seconds: float) -> None:
-    """LISTEN for finished transcriptions on one dedicated connection; reconnect when it
-    drops (the sender's poll covers the gap)."""
-    while True:
-        try:
-            await listen_until_closed(url, wake)
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("webhook notifications unavailable, polling meanwhile: %s", exc)
-        await asyncio.sleep(retry_seconds)
-
-
-async def listen_until_closed(url: str, wake: asyncio.Event) -> None:
-    conn = await asyncpg.connect(url)
-    closed = asyncio.Event()
-    conn.add_termination_listener(lambda _conn: closed.set())
-    try:
-        await conn.add_listener(FINISHED_CHANNEL, lambda *_: wake.set())
-        wake.set()  # whatever finished while no one listened
-        await closed.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.close()

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
-import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -37,6 +36,7 @@ from server import transcripts
 from server.api.transcriptions import submit_upload
 from server.auth import Caller, allow
 from server.errors import TEXT_REFUSED, ApiError, describe_validation, error_responses, text_refused
+from server.notifications import Notifications
 from server.protocol import TranscriptionOptions
 from server.uploads import Upload
 from server.webhooks import FINISHED_CHANNEL
@@ -138,12 +138,17 @@ class OpenAIRoute(APIRoute):
 
 
 class FinishedWaiter:
-    """Wakes requests waiting for a transcription to finish. One LISTEN connection per
-    server process, however many requests wait; app.py's lifespan runs `run`."""
+    """Wakes requests waiting for a transcription to finish, on the server's one LISTEN
+    connection however many requests wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, notifications: Notifications) -> None:
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
-        self.listening = False
+        self._notifications = notifications
+        notifications.subscribe(FINISHED_CHANNEL, self.finished, self.wake_all)
+
+    @property
+    def listening(self) -> bool:
+        return self._notifications.listening
 
     @contextlib.contextmanager
     def watch(self, transcription_id: UUID) -> Iterator[asyncio.Event]:
@@ -168,33 +173,6 @@ class FinishedWaiter:
         for events in self._events.values():
             for event in events:
                 event.set()
-
-    async def run(self, url: str, retry_seconds: float) -> None:
-        """LISTEN on one dedicated connection; reconnect when it drops (waiters poll
-        every `retry_seconds` meanwhile)."""
-        while True:
-            try:
-                await self._listen_until_closed(url)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("finished-transcription notifications unavailable: %s", exc)
-            finally:
-                self.listening = False
-            await asyncio.sleep(retry_seconds)
-
-    async def _listen_until_closed(self, url: str) -> None:
-        conn = await asyncpg.connect(url)
-        closed = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: closed.set())
-        try:
-            await conn.add_listener(
-                FINISHED_CHANNEL, lambda _conn, _pid, _channel, payload: self.finished(payload)
-            )
-            self.listening = True
-            self.wake_all()  # whatever finished while no one listened
-            await closed.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
 
 
 async def wait_until_finished(request: Request, transcription_id: UUID, caller: Caller) -> Any:
