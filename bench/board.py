@@ -53,8 +53,9 @@ PROTOCOL = {PROTOCOL_HEADER: PROTOCOL_VERSION}
 
 WAIT_SECONDS = 5.0  # the long poll every simulated worker asks for
 CHUNKS_PER_TRANSCRIPTION = 500  # 500 one-minute chunks: an 8-hour recording
-# The server runs with its defaults, but for the per-key limits and deduplication: the
-# bench submits thousands of the same bytes (tests/farm.py BURST_SETTINGS).
+# The server runs with its defaults, but for the limits and deduplication: the bench
+# submits thousands of the same bytes and registers ~1,200 simulated workers
+# (tests/farm.py BURST_SETTINGS).
 DB_POOL_SIZE: int = Settings.model_fields["db_pool_size"].default
 MODEL: str = Settings.model_fields["default_model"].default  # what transcribe jobs need
 PHASE_TIMEOUT = 180.0

@@ -26,11 +26,13 @@ from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
 WORKER_HEADERS = {PROTOCOL_HEADER: PROTOCOL_VERSION}
-# Tests and benchmarks submit in bursts no user would, and the same few bytes as
-# different transcriptions: the per-key limits and deduplication are tested on their own.
+# Tests and benchmarks submit in bursts no user would, the same few bytes as different
+# transcriptions, and register thousands of simulated workers: the limits and
+# deduplication are tested on their own.
 BURST_SETTINGS = {
     "submissions_per_minute": "100000",
     "max_active_per_key": "100000",
+    "max_workers": "100000",
     "dedup": "false",
 }
 
