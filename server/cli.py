@@ -111,7 +111,7 @@ def up(
     """Run a whole farm here: the embedded board plus local workers, until Ctrl-C. The
     board's autoscaler starts the workers as work arrives (up to --workers, by default
     one per core); they exit when idle."""
-    from server.local import LocalFarm, local_keys
+    from server.local import LocalFarm, local_keys, local_worker_shape
     from server.settings import Settings
 
     settings = Settings()
@@ -141,15 +141,6 @@ def up(
         farm.stop()
 
 
-def local_worker_shape(workers: int) -> tuple[int, int]:
-    """How many local workers, with how many threads each: by default one single-threaded
-    worker per core (bench/farm.py: two 1-thread workers finished a long file in 0.63 of
-    the time one 2-thread worker took, each keeping its own batch busy)."""
-    cores = os.cpu_count() or 1
-    count = workers or cores
-    return count, max(1, cores // count)
-
-
 @app.command()
 def demo(
     file: Annotated[
@@ -159,7 +150,7 @@ def demo(
 ) -> None:
     """Start a local farm, transcribe a sample with it, print the transcript, stop."""
     from server.demo import SAMPLE_TEXT, synthesize_sample
-    from server.local import LocalFarm, local_keys
+    from server.local import LocalFarm, local_keys, local_worker_shape
     from server.settings import Settings
 
     settings = Settings()

@@ -15,8 +15,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from server.cli import local_worker_shape
-from server.local import SCRIBEFARM
+from server.local import SCRIBEFARM, local_worker_shape
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
