@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import jiwer
 import numpy as np
 import pytest
 
-from tests.speech import PARAGRAPHS, MediaFactory, decode, normalise_text, shared_media
+from tests.speech import PARAGRAPHS, MediaFactory, decode, shared_media, word_error_rate
 from worker.audio import read_range
 from worker.chunking import plan_source
 from worker.engines import (
@@ -44,16 +43,12 @@ def text_of(output: EngineOutput) -> str:
     return " ".join(segment.text for segment in output.segments)
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    return jiwer.wer(normalise_text(reference), normalise_text(hypothesis))
-
-
 def test_transcribes_known_text_with_a_low_word_error_rate(engine, media):
     audio = decode(media.paragraphs())
     started = time.monotonic()
     [output] = engine.transcribe_batch([EngineInput(audio)])
     elapsed = time.monotonic() - started
-    error = wer(" ".join(PARAGRAPHS), text_of(output))
+    error = word_error_rate(" ".join(PARAGRAPHS), text_of(output))
     print(f"WER {error:.3f}, {audio.size / SR / elapsed:.0f}x realtime")
     assert error < 0.2
     assert output.language == "en" and output.language_probability == 1.0
@@ -88,7 +83,7 @@ def test_a_batch_of_chunks_equals_transcribing_each_alone(engine, media):
     alone = [engine.transcribe_batch([chunk])[0] for chunk in chunks]
     assert together == alone
     for index in (0, 2, 3):
-        assert wer(PARAGRAPHS[index], text_of(together[index])) < 0.25
+        assert word_error_rate(PARAGRAPHS[index], text_of(together[index])) < 0.25
     assert together[1].segments == []
     assert "short" in text_of(together[4]).lower()
 
@@ -139,9 +134,10 @@ def test_planned_chunks_transcribe_like_the_whole(engine, media):
     chunked = " ".join(text_of(o) for o in outputs)
     [whole] = engine.transcribe_batch([EngineInput(decode(source))])
     reference = " ".join(PARAGRAPHS)
-    print(f"WER chunked {wer(reference, chunked):.3f}, whole {wer(reference, text_of(whole)):.3f}")
-    assert wer(reference, chunked) < 0.2
-    assert abs(wer(reference, chunked) - wer(reference, text_of(whole))) < 0.05
+    chunked_wer, whole_wer = (word_error_rate(reference, t) for t in (chunked, text_of(whole)))
+    print(f"WER chunked {chunked_wer:.3f}, whole {whole_wer:.3f}")
+    assert chunked_wer < 0.2
+    assert abs(chunked_wer - whole_wer) < 0.05
 
 
 def test_model_resolution(tmp_path):
