@@ -68,6 +68,7 @@ class Transcription(BaseModel):
     state: TranscriptionState
     filename: str | None
     options: TranscriptionOptions
+    model: str = Field(description="The model it runs with: options.model or the default.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -325,6 +325,7 @@ def transcription_view(row: Any) -> Transcription:
         state=row["state"],
         filename=row["filename"],
         options=TranscriptionOptions.model_validate(row["options"]),
+        model=row["model"],
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],

@@ -129,7 +129,10 @@ def finished(server, keys):
     """A transcription completed through the worker protocol with known segments."""
     with server.client(keys["submit"]) as client:
         # Top priority: claimed before anything other tests left queued.
-        tid = submit(client, b"x", word_timestamps=True, priority=100).json()["id"]
+        submitted = submit(client, b"x", word_timestamps=True, priority=100).json()
+        tid = submitted["id"]
+        # No model asked for: the board's default, shown as the one it runs with.
+        assert submitted["options"]["model"] is None and submitted["model"] == "tiny.en"
     worker = ProtocolWorker(server, keys["worker"], name="formats")
     [chunk] = worker.claim(max_jobs=1)
     assert chunk["transcription_id"] == tid

@@ -82,7 +82,8 @@ def test_json_answers_the_transcript_as_soon_as_it_is_done(farm, first, speech):
     assert word_error_rate(PARAGRAPHS[0], result.text) < 0.2
     assert "deduplicated_from" not in document  # Whisper ran for this one
     assert document["model"] == "tiny.en"  # whisper-1: the board's default model
-    assert view(farm, tid)["options"]["model"] is None
+    shown = view(farm, tid)
+    assert shown["options"]["model"] is None and shown["model"] == "tiny.en"
     # Woken by the finished NOTIFY, not by the fallback poll (10 s while listening).
     finished_at = datetime.fromisoformat(view(farm, tid)["finished_at"]).timestamp()
     assert answered_at - finished_at < 3.0, answered_at - finished_at
