@@ -359,6 +359,9 @@ SELECT $1, $2, $3, $4, $5, $6, $7 FROM live WHERE $8::int IS NULL OR live.n < $8
 RETURNING id
 """
 
+# Every model a worker has registered with (a sequential scan of a small table).
+SERVED_MODELS = "SELECT DISTINCT unnest(models) AS model FROM workers ORDER BY 1"
+
 # Serialises what one key submits (limits) and worker registrations (their limit).
 LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext($1::text))"
 
@@ -683,6 +686,9 @@ class Board:
             await self._succeed(
                 conn, transcription_id, merged, {"deduplicated_from": original["id"]}
             )
+
+    async def served_models(self) -> list[str]:
+        return [row["model"] for row in await self.pool.fetch(SERVED_MODELS)]
 
     async def check_limits(self, owner: UUID) -> None:
         """The same check as at submission, without its lock: refuses early, before an

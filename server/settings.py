@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     default_model: str = "tiny.en"
+    # Submissions may ask for the default model, a model some worker has registered
+    # with, or one listed here (for workers that have not registered yet).
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_chunk_seconds: float = 60.0
     max_chunk_seconds: float = 120.0
     max_upload_bytes: int = 2 * 1024**3
@@ -146,7 +149,7 @@ class Settings(BaseSettings):
     fly_worker_cpus: int = Field(default=2, ge=1)
     fly_worker_memory_mb: int = Field(default=4096, ge=256)
 
-    @field_validator("url_allowlist", "fly_regions", mode="before")
+    @field_validator("models", "url_allowlist", "fly_regions", mode="before")
     @classmethod
     def comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

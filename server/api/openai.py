@@ -57,7 +57,12 @@ FINISHED_STATES = ("succeeded", "failed", "canceled")
 # While the listener is up, a NOTIFY wakes waiters; the poll is only a safety net.
 LISTENING_POLL_SECONDS = 10.0
 # Where the shared submission code's errors point, in OpenAI's `param`.
-PARAMS = {"file_required": "file", "empty_file": "file", "upload_too_large": "file"}
+PARAMS = {
+    "file_required": "file",
+    "empty_file": "file",
+    "upload_too_large": "file",
+    "unknown_model": "model",
+}
 
 
 # --- errors -------------------------------------------------------------------------

@@ -180,6 +180,7 @@ def parse_options(upload: Upload) -> TranscriptionOptions:
 
 async def check_options(request: Request, options: TranscriptionOptions) -> None:
     settings = request.app.state.settings
+    await check_model(request, options.model)
     if (options.target_chunk_seconds or 0) > settings.max_chunk_seconds:
         raise ApiError(
             422,
@@ -191,6 +192,23 @@ async def check_options(request: Request, options: TranscriptionOptions) -> None
         await guarded(
             urlguard.check_url, str(options.webhook_url), settings.allowlist, "webhook_url"
         )
+
+
+async def check_model(request: Request, model: str | None) -> None:
+    """A model no worker has would wait in the queue for ever: refuse it now."""
+    settings = request.app.state.settings
+    if model is None or model == settings.default_model or model in settings.models:
+        return
+    served = await request.app.state.board.served_models()
+    if model in served:
+        return
+    offered = ", ".join(sorted({settings.default_model, *settings.models, *served})[:20])
+    raise ApiError(
+        422,
+        "unknown_model",
+        f"model: no worker of this farm has {model!r}; it offers {offered}. Start a worker "
+        f"with --model {model} (or list it in SCRIBEFARM_MODELS), then submit again",
+    )
 
 
 async def guarded(check: Callable[..., Any], url: str, allowlist: Any, field: str) -> None:

@@ -221,6 +221,29 @@ def test_unknown_and_malformed_fields_are_422_with_a_readable_message(server, ke
         assert broken.status_code == 422 and broken.json()["code"] == "invalid_request"
 
 
+def test_a_model_no_worker_has_is_refused_until_one_registers(make_server):
+    """Queued for a model no worker has, a transcription would wait for ever."""
+    server = make_server(models="base.en")
+    keys = {role: server.create_key(role) for role in ("submit", "worker")}
+    sources = server.data_dir / "storage" / "sources"
+    with server.client(keys["submit"]) as client:
+        refused = submit(client, b"x", model="large-v3")
+        assert refused.status_code == 422 and refused.json()["code"] == "unknown_model"
+        message = refused.json()["message"]
+        assert "'large-v3'" in message and "offers base.en, tiny.en." in message, message
+        assert "--model large-v3" in message
+        assert not sources.exists() or list(sources.iterdir()) == []  # nothing kept
+        from_url = {"url": "https://media.example.com/a.mp3", "model": "large-v3"}
+        refused = client.post("/v1/transcriptions", json=from_url)
+        assert refused.status_code == 422 and refused.json()["code"] == "unknown_model"
+
+        assert submit(client, b"x", model="base.en").status_code == 201  # SCRIBEFARM_MODELS
+        big = ProtocolWorker(server, keys["worker"], models=["large-v3"])
+        accepted = submit(client, b"x", model="large-v3")
+        assert accepted.status_code == 201 and accepted.json()["model"] == "large-v3"
+        big.close()
+
+
 def test_empty_missing_and_non_multipart_uploads_are_refused(server, keys):
     with server.client(keys["submit"]) as client:
         empty = submit(client, b"")

@@ -56,11 +56,11 @@ def test_claim_returns_jobs_in_priority_order_then_age(server, submitter, worker
 
 
 def test_claim_only_offers_jobs_for_models_the_worker_has(server, keys, submitter, worker):
+    big = ProtocolWorker(server, keys["worker"], models=["large-v3"])  # it may be asked for
     tid = submit(submitter, b"x", model="large-v3").json()["id"]
     [chunk] = worker.claim()  # chunk jobs need no model: any worker cuts audio
     worker.complete(chunk, chunk_plan(2))
     assert worker.claim(max_jobs=5) == []
-    big = ProtocolWorker(server, keys["worker"], models=["large-v3"])
     jobs = big.claim(max_jobs=5)
     assert [j["model"] for j in jobs] == ["large-v3", "large-v3"]
     assert {j["transcription_id"] for j in jobs} == {tid}

@@ -216,6 +216,10 @@ def test_bad_requests_are_openai_errors_with_a_readable_message(farm, client, sp
     assert (no_file.value.param, no_file.value.code) == ("file", "file_required")
     assert "'file'" in no_file.value.message
 
+    with pytest.raises(openai.BadRequestError) as model:
+        create(client, speech, model="large-v3")  # no worker has it
+    assert (model.value.param, model.value.code) == ("model", "unknown_model")
+
     with pytest.raises(openai.BadRequestError) as language:
         create(client, speech, language="English")
     assert language.value.param == "language" and "language:" in language.value.message
