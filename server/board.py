@@ -570,7 +570,7 @@ AUTOSCALER_QUEUE = """
 WITH open_jobs AS (
     SELECT state = 'leased' AND lease_expires_at > now() AS live,
            coalesce(end_seconds - start_seconds, 0) AS seconds
-    FROM jobs WHERE state IN ('queued', 'leased')
+    FROM jobs WHERE state IN ('queued', 'leased') AND (model IS NULL OR model = $2)
 ), recent AS (
     SELECT sum(end_seconds - start_seconds) AS audio_seconds,
            extract(epoch FROM max(finished_at) - min(leased_at))::float8 AS busy_seconds
@@ -994,8 +994,9 @@ class Board:
 
     # --- autoscaler and metrics ---------------------------------------------
 
-    async def queue_state(self, window_seconds: float) -> asyncpg.Record:
-        return await self.pool.fetchrow(AUTOSCALER_QUEUE, window_seconds)
+    async def queue_state(self, window_seconds: float, model: str) -> asyncpg.Record:
+        """The jobs workers of `model` can run (the ones the autoscaler starts)."""
+        return await self.pool.fetchrow(AUTOSCALER_QUEUE, window_seconds, model)
 
     async def metrics(self, window_seconds: float) -> asyncpg.Record:
         return await self.pool.fetchrow(METRICS, window_seconds, self.settings.worker_gone_seconds)

@@ -67,7 +67,12 @@ class Autoscaler:
 
     async def step(self) -> int:
         """One tick: returns the number of workers wanted."""
-        state = QueueState(**dict(await self.board.queue_state(metrics.SPEED_WINDOW_SECONDS)))
+        # The workers it starts run the default model: jobs for other models (GPU
+        # workers' larger ones, say) are not theirs to drain.
+        row = await self.board.queue_state(
+            metrics.SPEED_WINDOW_SECONDS, self.settings.default_model
+        )
+        state = QueueState(**dict(row))
         desired = desired_workers(
             state,
             target_seconds=self.settings.autoscaler_target_seconds,

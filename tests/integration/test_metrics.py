@@ -94,20 +94,21 @@ def test_the_autoscaler_and_keda_queries_read_the_queue(postgres_url):
         tid,
         key,
     )
-    jobs = [  # kind, state, seconds, lease expires in, finished seconds ago, result
-        ("chunk", "queued", None, None, None, None),
-        ("transcribe", "queued", 30.0, None, None, None),
-        ("transcribe", "leased", 10.0, 20, None, None),  # a live lease
-        ("transcribe", "leased", 15.0, -5, None, None),  # its worker is gone
-        ("transcribe", "succeeded", 50.0, None, 60, {"processing_seconds": 1.0}),
-        ("transcribe", "dead", 40.0, None, 30, None),
+    jobs = [  # kind, model, state, seconds, lease expires in, finished seconds ago, result
+        ("chunk", None, "queued", None, None, None, None),
+        ("transcribe", "tiny.en", "queued", 30.0, None, None, None),
+        ("transcribe", "tiny.en", "leased", 10.0, 20, None, None),  # a live lease
+        ("transcribe", "tiny.en", "leased", 15.0, -5, None, None),  # its worker is gone
+        ("transcribe", "tiny.en", "succeeded", 50.0, None, 60, {"processing_seconds": 1.0}),
+        ("transcribe", "tiny.en", "dead", 40.0, None, 30, None),
+        ("transcribe", "large-v3", "queued", 100.0, None, None, None),  # a GPU worker's
     ]
-    for seq, (kind, state, seconds, expires_in, finished_ago, result) in enumerate(jobs):
+    for seq, (kind, model, state, seconds, expires_in, finished_ago, result) in enumerate(jobs):
         sql(
             url,
             "INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at, "
             "start_seconds, end_seconds, max_attempts, worker_id, lease_expires_at, leased_at, "
-            "finished_at, result) VALUES ($1, $2, $3, $4, 'tiny.en', 0, now(), 0, $5, 5, $6, "
+            "finished_at, result) VALUES ($1, $2, $3, $4, $10, 0, now(), 0, $5, 5, $6, "
             "now() + make_interval(secs => $7), now() - interval '100 seconds', "
             "now() - make_interval(secs => $8), $9::jsonb)",
             tid,
@@ -119,14 +120,19 @@ def test_the_autoscaler_and_keda_queries_read_the_queue(postgres_url):
             expires_in,
             finished_ago,
             result,
+            model,
         )
 
     # KEDA: unfinished transcribe audio (queued or in progress) + 60 s per chunk job.
-    assert sql(url, board.KEDA_QUEUE_DEPTH)[0]["ceil"] == 30 + 10 + 15 + 60
-    [state] = sql(url, board.AUTOSCALER_QUEUE, 600.0)
+    assert sql(url, board.KEDA_QUEUE_DEPTH)[0]["ceil"] == 30 + 10 + 15 + 100 + 60
+    [state] = sql(url, board.AUTOSCALER_QUEUE, 600.0, "tiny.en")
     assert state["queued_jobs"] == 3  # the chunk, the queued one, the one whose lease expired
     assert state["queued_audio_seconds"] == 30 + 15
     assert state["leased_jobs"] == 1
     # 50 s of audio from its claim (100 s ago) to its completion (60 s ago): 40 s busy.
     assert state["recent_audio_seconds"] == 50
     assert state["recent_busy_seconds"] == pytest.approx(40, abs=1)
+    # The autoscaler counts what workers of its model can run: the chunk job, and the
+    # large-v3 one only for large-v3 workers.
+    [state] = sql(url, board.AUTOSCALER_QUEUE, 600.0, "large-v3")
+    assert (state["queued_jobs"], state["queued_audio_seconds"]) == (2, 100)

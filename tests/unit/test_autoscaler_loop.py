@@ -19,7 +19,7 @@ class Board:
     def __init__(self):
         self.row = {"queued_jobs": 0, "queued_audio_seconds": 0.0, "leased_jobs": 0}
 
-    async def queue_state(self, window_seconds):
+    async def queue_state(self, window_seconds, model):
         return self.row
 
 

@@ -163,7 +163,7 @@ def test_the_autoscaler_drives_the_fly_provider(fly, clock):
     """A board with 25 minutes of audio queued, at 10x realtime and a 60 s target: 3."""
 
     class Board:
-        async def queue_state(self, window_seconds):
+        async def queue_state(self, window_seconds, model):
             return {"queued_jobs": 25, "queued_audio_seconds": 1500.0, "leased_jobs": 0}
 
     autoscaler = Autoscaler(Board(), provider(fly, clock), SETTINGS)
