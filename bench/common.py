@@ -31,7 +31,7 @@ import httpx
 import psutil
 
 from tests.farm import BURST_SETTINGS, Server, WorkerProcess, create_database, submit
-from tests.speech import MediaFactory, word_error_rate  # noqa: F401 (for the benchmarks)
+from tests.speech import MediaFactory
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

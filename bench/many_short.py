@@ -49,9 +49,8 @@ from bench.common import (
     seconds_list,
     verdict,
     wait_until_quiet,
-    word_error_rate,
 )
-from tests.speech import PARAGRAPHS, MediaFactory, decode
+from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE
 from worker.engines import resolve_model
 
