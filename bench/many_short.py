@@ -171,12 +171,12 @@ def load_direct() -> tuple[WhisperModel, float]:
 
 
 def transcribe_batched(model: WhisperModel, paths: list[str]) -> list[str]:
-    """The farm's decoding: VAD windows, beam 5, segment timestamps, batch_size 8 (one
-    window per short clip, so no batching happens inside a file)."""
+    """The pipeline with its default options (VAD windows, beam 5, no timestamp tokens) and
+    batch_size 8 (one window per short clip, so no batching happens inside a file)."""
     pipeline = BatchedInferencePipeline(model)
     texts = []
     for path in paths:
-        segments, _ = pipeline.transcribe(path, batch_size=BATCH_SIZE, without_timestamps=False)
+        segments, _ = pipeline.transcribe(path, batch_size=BATCH_SIZE)
         texts.append(" ".join(s.text for s in segments))  # a generator: the work is here
     return texts
 
@@ -451,8 +451,8 @@ def method_lines() -> list[str]:
         "How it was measured:",
         f"- Clips: espeak-ng reads runs of plain sentences (the PARAGRAPHS' and {len(EXTRA)} "
         f"more), each clip a distinct text at its own speed (140–180 words/min), "
-        f"{SHORTEST:g}–{LONGEST:g} s long; reference: the texts read. WER: jiwer, "
-        "normalised, over all clips joined.",
+        f"{SHORTEST:g}–{LONGEST:g} s long; reference: the texts read. WER: jiwer after "
+        "Whisper's English normalizer, over all clips joined.",
         f"- Loops: one `WhisperModel(tiny.en, cpu, int8, cpu_threads={THREADS})`, every "
         "clip transcribed from its file in turn (decoding included, segments consumed); the "
         "target compares the farm with the faster one-process loop run. The split loop runs "

@@ -67,7 +67,7 @@ WITH worker AS (
         attempts = j.attempts + 1
     FROM chosen c WHERE j.id = c.id
     RETURNING j.id, j.kind, j.lease_id, j.lease_expires_at, j.attempts, j.transcription_id,
-              j.seq, j.model, j.start_seconds, j.end_seconds
+              j.seq, j.model, j.start_seconds, j.end_seconds, j.speech
 ), started AS (
     -- Primary key lookups. SKIP LOCKED: a claim never waits (lock order); a
     -- transcription skipped here is marked running when its plan fans out.
@@ -78,7 +78,7 @@ WITH worker AS (
         FOR UPDATE SKIP LOCKED
     )
 )
-SELECT c.*, t.source_key, t.source_url, t.options
+SELECT c.*, t.source_key, t.source_url, t.options, t.detected_language
 FROM worker
 LEFT JOIN (claimed c JOIN transcriptions t ON t.id = c.transcription_id) ON true
 """
@@ -163,18 +163,19 @@ SELECT count(*) FROM (
 # plan can never be inserted twice.
 INSERT_TRANSCRIBE_JOBS = """
 INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
-                  start_seconds, end_seconds, max_attempts)
+                  start_seconds, end_seconds, speech, max_attempts)
 SELECT t.id, 'transcribe', 'queued', s.seq, t.model, t.priority, t.created_at,
-       s.start_seconds, s.end_seconds, $5
+       s.start_seconds, s.end_seconds, s.speech, $6
 FROM transcriptions t,
-     unnest($2::int[], $3::float8[], $4::float8[]) AS s(seq, start_seconds, end_seconds)
+     unnest($2::int[], $3::float8[], $4::float8[], $5::jsonb[])
+         AS s(seq, start_seconds, end_seconds, speech)
 WHERE t.id = $1
 """
 
 # Primary key lookup.
 PLANNED = """
 UPDATE transcriptions
-SET duration_seconds = $2, jobs_total = $3, state = 'running',
+SET duration_seconds = $2, jobs_total = $3, detected_language = $4, state = 'running',
     started_at = coalesce(started_at, now())
 WHERE id = $1 AND state IN ('queued', 'running')
 """
@@ -1010,7 +1011,7 @@ class Board:
                 f"the audio is {plan.duration_seconds / 3600:.2f} h long; the limit is "
                 f"{limit / 3600:.2f} h (SCRIBEFARM_MAX_AUDIO_SECONDS). Split the recording."
             )
-            await conn.execute(PLANNED, transcription_id, plan.duration_seconds, 0)
+            await conn.execute(PLANNED, transcription_id, plan.duration_seconds, 0, None)
             await conn.execute(FAIL_TRANSCRIPTION, transcription_id, reason)
             return
         chunks = plan.chunks
@@ -1020,9 +1021,12 @@ class Board:
             [c.index + 1 for c in chunks],
             [c.start for c in chunks],
             [c.end for c in chunks],
+            [c.speech for c in chunks],
             self.settings.max_attempts,
         )
-        await conn.execute(PLANNED, transcription_id, plan.duration_seconds, len(chunks))
+        await conn.execute(
+            PLANNED, transcription_id, plan.duration_seconds, len(chunks), plan.language
+        )
         self.jobs_added += len(chunks)
         if chunks:
             await notify_jobs(conn, len(chunks))

@@ -101,6 +101,9 @@ class Transcription(SQLModel, table=True):
     model: str
     priority: int = 0
     duration_seconds: float | None = None
+    # Detected once by the chunk job (multilingual model, no language given) and used by
+    # every transcribe job.
+    detected_language: str | None = None
     jobs_total: int = counter()
     jobs_done: int = counter()
     audio_seconds_done: float = counter(Float)
@@ -154,6 +157,9 @@ class Job(SQLModel, table=True):
     submitted_at: datetime = timestamp(nullable=False)
     start_seconds: float | None = None
     end_seconds: float | None = None
+    # A transcribe job's speech spans ([[start, end], ...] in seconds), as the chunk job
+    # found them over the whole source: the engine decodes exactly these windows.
+    speech: list[list[float]] | None = jsonb()
     attempts: int = counter()
     max_attempts: int
     run_after: datetime = timestamp(nullable=False, default_now=True)

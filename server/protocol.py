@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 
 JobKind = Literal["chunk", "transcribe"]
@@ -51,6 +51,21 @@ class TranscriptionOptions(Strict):
         description="Preferred chunk length; chunks are cut in silences near it.",
     )
     word_timestamps: bool = False
+    prompt: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Initial prompt for every window: context, names and spellings "
+        "(Whisper's initial_prompt; OpenAI's `prompt`).",
+    )
+    hotwords: str | None = Field(
+        default=None, max_length=500, description="Hint phrases for every window."
+    )
+    detect_language_per_chunk: bool = Field(
+        default=False,
+        description="Detect the language of each chunk on its own (for recordings that "
+        "change language). By default it is detected once, from the first speech, and "
+        "used for every chunk.",
+    )
     priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
     webhook_url: HttpUrl | None = None
 
@@ -119,6 +134,12 @@ class ChunkSpan(BaseModel):
     index: int = Field(ge=0)
     start: float = Field(ge=0)
     end: float = Field(gt=0)
+    speech: list[tuple[float, float]] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="The speech in [start, end), as the plan found it over the whole "
+        "source: the engine decodes exactly these (absolute seconds). None: it looks itself.",
+    )
 
 
 class ChunkPlan(Strict):
@@ -127,6 +148,12 @@ class ChunkPlan(Strict):
     kind: Literal["chunk"] = "chunk"
     duration_seconds: float = Field(ge=0)
     chunks: list[ChunkSpan] = Field(max_length=100_000)
+    language: str | None = Field(
+        default=None,
+        pattern=r"^[a-z]{2,3}$",
+        description="Detected once from the first speech, for every chunk (multilingual "
+        "models, when no language was given).",
+    )
 
 
 class ChunkTranscript(Strict):

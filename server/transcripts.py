@@ -7,6 +7,8 @@ import zlib
 from collections import Counter
 from typing import Any
 
+from worker.phrases import TimedWord, group_words, phrase_text
+
 FORMATS = ("txt", "srt", "vtt", "json", "verbose_json")
 MEDIA_TYPES = {
     "txt": "text/plain; charset=utf-8",
@@ -41,6 +43,8 @@ def merge(chunks: list[tuple[float, float, dict[str, Any]]], duration: float) ->
     }
 
 
+CUE_LINE_CHARS = 42
+
 MERGED_KEYS = ("duration_seconds", "language", "text", "segments")
 TIMINGS = {"submitted_at": "created_at", "started_at": "started_at", "finished_at": "finished_at"}
 
@@ -73,18 +77,57 @@ def render(transcript: dict[str, Any], fmt: str) -> str:
         return "".join(f"{s['text']}\n" for s in transcript["segments"])
     if fmt == "srt":
         return "\n".join(
-            f"{i}\n{timestamp(s['start'], ',')} --> {timestamp(s['end'], ',')}\n{s['text']}\n"
-            for i, s in enumerate(transcript["segments"], start=1)
+            f"{i}\n{timestamp(start, ',')} --> {timestamp(end, ',')}\n{text}\n"
+            for i, (start, end, text) in enumerate(cues(transcript["segments"]), start=1)
         )
     if fmt == "vtt":
-        cues = "".join(
-            f"\n{timestamp(s['start'], '.')} --> {timestamp(s['end'], '.')}\n{s['text']}\n"
-            for s in transcript["segments"]
+        body = "".join(
+            f"\n{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n"
+            for start, end, text in cues(transcript["segments"])
         )
-        return "WEBVTT\n" + cues
+        return "WEBVTT\n" + body
     if fmt == "verbose_json":
         return json.dumps(verbose_json(transcript), ensure_ascii=False)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def cues(segments: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    """Subtitle cues: at most 2 lines of 42 characters and 7 s each. The engine's segments
+    already fit; a longer one (another engine, an older transcript) is split between words,
+    at its word times when it has them, else at times in proportion to its characters."""
+    result = []
+    for segment in segments:
+        for phrase in group_words(_timed_words(segment)):
+            result.append((phrase[0].start, phrase[-1].end, wrap_lines(phrase_text(phrase))))
+    return result
+
+
+def _timed_words(segment: dict[str, Any]) -> list[TimedWord]:
+    text, start, end = segment["text"], segment["start"], segment["end"]
+    words = segment.get("words")
+    if words and " ".join(w["word"] for w in words) == " ".join(text.split()):
+        return [TimedWord(f" {w['word']}", w["start"], w["end"]) for w in words]
+    pieces = text.split()
+    if not pieces:
+        return []
+    per_char = (end - start) / max(1, len(text))
+    timed, at = [], 0
+    for piece in pieces:
+        at = text.index(piece, at)
+        first = start + at * per_char
+        at += len(piece)
+        timed.append(TimedWord(f" {piece}", round(first, 3), round(start + at * per_char, 3)))
+    return timed
+
+
+def wrap_lines(text: str, width: int = CUE_LINE_CHARS) -> str:
+    """One line, or two as even as the words allow (a cue's second line)."""
+    if len(text) <= width or " " not in text:
+        return text
+    middle = len(text) / 2
+    spaces = [i for i, char in enumerate(text) if char == " "]
+    best = min(spaces, key=lambda i: (max(i, len(text) - i - 1) > width, abs(i - middle)))
+    return f"{text[:best]}\n{text[best + 1 :]}"
 
 
 def verbose_json(

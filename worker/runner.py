@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -16,9 +17,18 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from server import urlguard
-from server.protocol import CachedChunk, ChunkTranscript, ClaimedJob, WorkerCapabilities
-from worker.audio import MediaError, read_range
+from server.protocol import (
+    CachedChunk,
+    ChunkPlan,
+    ChunkSpan,
+    ChunkTranscript,
+    ClaimedJob,
+    WorkerCapabilities,
+)
+from worker.audio import MediaError, read_range, seconds_to_samples
 from worker.chunking import plan_source
 from worker.client import BoardClient, BoardError, LeaseLost
 from worker.engines import Engine, EngineInput, load_engine
@@ -27,10 +37,11 @@ log = logging.getLogger("scribefarm.worker")
 
 
 def cache_key(item: EngineInput, engine: Engine) -> str:
-    """Same audio, model and decoding options: the same transcript."""
+    """Same audio, speech map, model and decoding options: the same transcript."""
     digest = hashlib.sha256()
-    options = f"{engine.name}|{','.join(engine.models)}|{item.language}|{item.word_timestamps}"
-    digest.update(options.encode())
+    options = [engine.name, ",".join(engine.models), item.language, item.word_timestamps]
+    options += [item.prompt, item.hotwords, item.speech and [list(s) for s in item.speech]]
+    digest.update(json.dumps(options).encode())
     digest.update(item.audio.astype("<f4").tobytes())
     return digest.hexdigest()
 
@@ -164,6 +175,8 @@ class Worker:
             plan = await asyncio.to_thread(
                 plan_source, source, job.chunk_target_seconds, job.chunk_max_seconds
             )
+            if self._detects_language_once(job) and plan.chunks:
+                plan.language = await asyncio.to_thread(self._first_language, job, source, plan)
         except MediaError as exc:
             await self._fail(job, exc.reason, exc.permanent)
             return
@@ -172,6 +185,18 @@ class Worker:
             await self._fail(job, f"chunking failed: {exc}", permanent=False)
             return
         await self._finish(job, plan)
+
+    @staticmethod
+    def _detects_language_once(job: ClaimedJob) -> bool:
+        options = job.options
+        return options.language is None and not options.detect_language_per_chunk
+
+    def _first_language(self, job: ClaimedJob, source: str, plan: ChunkPlan) -> str | None:
+        """The language of the first speech, for every chunk (None: an English-only model)."""
+        first = plan.chunks[0]
+        audio = read_range(source, first.start, first.end)
+        detected = self.engine.detect_language(self._engine_input(job, audio, first))
+        return None if detected is None else detected[0]
 
     async def _transcribe(self, jobs: list[ClaimedJob]) -> None:
         inputs: list[tuple[ClaimedJob, EngineInput, str]] = []
@@ -183,7 +208,7 @@ class Worker:
             except MediaError as exc:
                 await self._fail(job, exc.reason, exc.permanent)
                 continue
-            item = self._engine_input(job, audio)
+            item = self._engine_input(job, audio, job.chunk)
             inputs.append((job, item, cache_key(item, self.engine)))
         cached = await self._cached([key for _, _, key in inputs])
         for job, _, key in inputs:
@@ -239,12 +264,23 @@ class Worker:
             await self._finish(job, result)
 
     @staticmethod
-    def _engine_input(job: ClaimedJob, audio) -> EngineInput:
+    def _engine_input(job: ClaimedJob, audio: np.ndarray, chunk: ChunkSpan) -> EngineInput:
+        first = seconds_to_samples(chunk.start)
+        speech = None
+        if chunk.speech is not None:  # on the chunk's own samples
+            speech = [
+                (seconds_to_samples(s) - first, seconds_to_samples(e) - first)
+                for s, e in chunk.speech
+            ]
+        options = job.options
         return EngineInput(
             audio=audio,
-            offset=job.chunk.start,
-            language=job.options.language,
-            word_timestamps=job.options.word_timestamps,
+            offset=chunk.start,
+            language=options.language,
+            word_timestamps=options.word_timestamps,
+            speech=speech,
+            prompt=options.prompt,
+            hotwords=options.hotwords,
         )
 
     # --- leases ---------------------------------------------------------------

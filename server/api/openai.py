@@ -305,6 +305,7 @@ def read_request(upload: Upload) -> OpenAIRequest:
         "model": None if model == DEFAULT_MODEL_ALIAS else model,
         "language": fields.get("language", "").strip() or None,
         "word_timestamps": words,
+        "prompt": fields.get("prompt", "").strip() or None,  # every chunk's initial prompt
     }
     try:
         parsed = TranscriptionOptions.model_validate(options)
@@ -339,7 +340,11 @@ def request_schema() -> dict[str, Any]:
             "pattern": "^[a-z]{2,3}$",
             "description": "ISO 639-1 code such as 'en'; detected if omitted",
         },
-        "prompt": {**text, "description": "Accepted and ignored (not used by the workers)."},
+        "prompt": {
+            **text,
+            "maxLength": 1000,
+            "description": "Initial prompt for every window (context, names, spellings).",
+        },
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
         "timestamp_granularities[]": {
             "type": "array",

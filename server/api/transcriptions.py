@@ -229,7 +229,16 @@ async def hashing(chunks: AsyncIterator[bytes], digest: Any) -> AsyncIterator[by
 
 def dedup_key(source_sha256: str, options: TranscriptionOptions, model: str) -> str:
     """Same audio and same options that shape the transcript: the same transcript."""
-    shaping = options.model_dump(mode="json", include={"language", "target_chunk_seconds"})
+    shaping = options.model_dump(
+        mode="json",
+        include={
+            "language",
+            "target_chunk_seconds",
+            "prompt",
+            "hotwords",
+            "detect_language_per_chunk",
+        },
+    )
     shaping |= {"model": model, "word_timestamps": options.word_timestamps}
     return hashlib.sha256(
         f"{source_sha256}|{json.dumps(shaping, sort_keys=True)}".encode()

@@ -130,8 +130,15 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
 def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
     chunk = None
     if row["kind"] == "transcribe":
-        chunk = ChunkSpan(index=row["seq"] - 1, start=row["start_seconds"], end=row["end_seconds"])
+        chunk = ChunkSpan(
+            index=row["seq"] - 1,
+            start=row["start_seconds"],
+            end=row["end_seconds"],
+            speech=row["speech"],
+        )
     options = TranscriptionOptions.model_validate(row["options"])
+    if options.language is None and not options.detect_language_per_chunk:
+        options.language = row["detected_language"]  # detected once, by the chunk job
     source_url = row["source_url"]
     if source_url is None:
         ttl = state.settings.signed_url_seconds

@@ -31,6 +31,11 @@ class EngineInput:
     offset: float = 0.0  # where ``audio`` starts on the source timeline, in seconds
     language: str | None = None  # ISO 639-1; detected when None
     word_timestamps: bool = False
+    # Speech spans [start, end) in samples of ``audio``, as the chunk job's plan found them
+    # over the whole source (worker/vad.py); None: the engine finds them in ``audio``.
+    speech: Sequence[tuple[int, int]] | None = None
+    prompt: str | None = None  # initial prompt: context and spellings for every window
+    hotwords: str | None = None  # hint phrases for every window
 
 
 @dataclass
@@ -50,6 +55,11 @@ class Engine(Protocol):
 
     def transcribe_batch(self, items: Sequence[EngineInput]) -> list[EngineOutput]:
         """Transcribe several chunks together; one output per input, in order."""
+        ...
+
+    def detect_language(self, audio: np.ndarray) -> tuple[str, float] | None:
+        """The language of the first 30 s of speech in ``audio`` with its probability;
+        None for an English-only model (nothing to detect)."""
         ...
 
 

@@ -1,24 +1,28 @@
-"""The faster-whisper (CTranslate2) engine, batching windows across chunks and jobs.
+"""The faster-whisper (CTranslate2) engine: the batched pipeline's decoding, batched
+across chunks and jobs.
 
-How faster-whisper's ``BatchedInferencePipeline`` batches (faster_whisper/
-transcribe.py, 1.2.1): it runs the Silero VAD over one audio, merges the speech
-into *windows* of at most 30 s (``collect_chunks``), computes a log-mel feature
-matrix per window and sends ``batch_size`` windows at a time through
-``generate_segment_batched`` (one encoder call, one ``generate`` call). Segment
-times are then mapped from the VAD-collapsed timeline back to the audio's.
+How faster-whisper's ``BatchedInferencePipeline`` transcribes (faster_whisper/
+transcribe.py, 1.2.1): Silero VAD finds the speech of the whole audio, consecutive
+speech is merged into *windows* of at most 30 s (``collect_chunks``), and
+``batch_size`` windows at a time go through one encoder and one ``generate`` call,
+*without* timestamp tokens, at temperature 0, with no previous-text conditioning.
 
-One pipeline call only ever batches windows of *one* audio. Here every chunk of
-a ``transcribe_batch`` call gets its own VAD windows, and the windows of all
-chunks (with the same language and word-timestamp setting) share the batched
-model calls; each window remembers its chunk so the segments go back to it and
-through that chunk's own timestamp map. Word timing post-processing is run per
-chunk (``add_word_timestamps`` carries state from window to window, which must
-not leak between chunks), on alignments computed for the whole batch at once.
+This engine decodes exactly those windows. The chunk job ran the pipeline's VAD over
+the whole source (worker/vad.py) and cut chunks between windows, so each chunk's speech
+spans arrive with it and pack into the same windows the single pass would decode
+(a chunk without spans finds its own). The windows of every chunk of a
+``transcribe_batch`` call (with the same language and prompt) share the batched model
+calls; each window remembers its chunk so the text goes back to it.
 
-Determinism: decoding uses temperature 0 only (the batched pipeline has no
-temperature fallback) and beam search, and no previous-text conditioning, so the
-same audio and options give the same segments, alone or batched with others.
-A chunk without speech never reaches the model: the VAD finds no windows.
+Decoding without timestamp tokens gives one text per window (decoding with them cost
+2.5 WER points on real speech). Times come from the words instead: cross-attention
+alignment (computed for the whole batch at once, then post-processed per chunk, since
+``add_word_timestamps`` carries state from window to window) times every word, the
+speech map puts them back on the source's timeline, and worker/phrases.py groups them
+into readable segments. Words are returned only when the transcription asked for them.
+
+Determinism: the same audio, spans and options give the same segments, alone or
+batched with others. A chunk without speech never reaches the model.
 """
 
 from __future__ import annotations
@@ -34,24 +38,20 @@ import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import (
-    Segment as FwSegment,
-)
+from faster_whisper.transcribe import Segment as FwSegment
 from faster_whisper.transcribe import (
     TranscriptionOptions,
     get_suppressed_tokens,
     restore_speech_timestamps,
 )
-from faster_whisper.transcribe import (
-    Word as FwWord,
-)
-from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+from faster_whisper.transcribe import Word as FwWord
 
 from server.protocol import Segment, Word
 from worker.audio import SAMPLE_RATE
 from worker.engines import EngineInput, EngineOutput, model_name, resolve_model
+from worker.phrases import TimedWord, group_words, phrase_text
+from worker.vad import detect_speech, pack_windows
 
-WINDOW_SECONDS = 30  # Whisper's context: VAD windows are merged up to this length
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -74,13 +74,17 @@ class _Chunk:
     """One input, prepared: its speech map, windows and language."""
 
     item: EngineInput
-    speech: list[dict] = field(default_factory=list)  # VAD spans, in samples
+    speech: list[dict] = field(default_factory=list)  # speech spans, in samples
     features: list[np.ndarray] = field(default_factory=list)  # one per window
     metas: list[dict] = field(default_factory=list)  # window offset/duration (collapsed)
     language: str | None = None
     language_probability: float | None = None
     rows: list[list[dict]] = field(default_factory=list)  # decoded windows, in order
     last_speech: float = 0.0  # word-timing state carried from window to window
+
+    def decoding(self) -> tuple[str, str | None, str | None]:
+        """What must be equal for windows to share a model call."""
+        return self.language or "en", self.item.prompt, self.item.hotwords
 
 
 class _Alignments:
@@ -105,39 +109,49 @@ class FasterWhisperEngine:
         cpu_threads: int = 0,
         batch_size: int = 8,
         beam_size: int = 5,
-        segment_timestamps: bool = True,
     ) -> None:
         auto_device, auto_type = detect_device()
         self.device = auto_device if device == "auto" else device
         compute_type = compute_type or (auto_type if self.device == auto_device else "default")
         self.models = [model_name(model)]
         self.batch_size, self.beam_size = batch_size, beam_size
-        self.segment_timestamps = segment_timestamps
         self.model = _load_model(resolve_model(model), self.device, compute_type, cpu_threads)
         self._pipeline = BatchedInferencePipeline(self.model)
-        self._vad = VadOptions(max_speech_duration_s=WINDOW_SECONDS, min_silence_duration_ms=160)
 
     def transcribe_batch(self, items: Sequence[EngineInput]) -> list[EngineOutput]:
         chunks = [self._prepare(item) for item in items]
         windows = [(c, w) for c in chunks for w in range(len(c.features))]
 
-        def key(window: tuple[_Chunk, int]) -> tuple[str, bool]:
-            return window[0].language or "en", window[0].item.word_timestamps
+        def key(window: tuple[_Chunk, int]) -> tuple[str, str, str]:
+            language, prompt, hotwords = window[0].decoding()
+            return language, prompt or "", hotwords or ""
 
-        for (language, words), group in itertools.groupby(sorted(windows, key=key), key=key):
+        for _, group in itertools.groupby(sorted(windows, key=key), key=key):
             group_list = list(group)  # sorted() is stable: windows stay in chunk order
             for i in range(0, len(group_list), self.batch_size):
-                self._decode(group_list[i : i + self.batch_size], language, words)
+                self._decode(group_list[i : i + self.batch_size])
         return [self._finish(chunk) for chunk in chunks]
+
+    def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
+        if not self.model.model.is_multilingual:
+            return None
+        chunk = self._prepare(item)
+        return None if chunk.language is None else (chunk.language, chunk.language_probability)
 
     def _prepare(self, item: EngineInput) -> _Chunk:
         chunk = _Chunk(item)
         audio = np.asarray(item.audio, dtype=np.float32)
-        chunk.speech = get_speech_timestamps(audio, self._vad) if audio.size else []
-        if chunk.speech:
-            windows, chunk.metas = collect_chunks(audio, chunk.speech, max_duration=WINDOW_SECONDS)
-            extract = self.model.feature_extractor
-            chunk.features = [extract(window)[..., :-1] for window in windows]
+        spans = detect_speech(audio) if item.speech is None else item.speech
+        chunk.speech = [{"start": s, "end": e} for s, e in spans]
+        extract = self.model.feature_extractor
+        offset = 0
+        for window in pack_windows(spans):
+            samples = np.concatenate([audio[s:e] for s, e in window])
+            chunk.features.append(extract(samples)[..., :-1])
+            chunk.metas.append(
+                {"offset": offset / SAMPLE_RATE, "duration": samples.size / SAMPLE_RATE}
+            )
+            offset += samples.size
         chunk.language, chunk.language_probability = self._language(item.language, chunk)
         return chunk
 
@@ -154,8 +168,9 @@ class FasterWhisperEngine:
         )
         return language, float(probability)
 
-    def _options(self, tokenizer: Tokenizer, word_timestamps: bool) -> TranscriptionOptions:
-        # The values BatchedInferencePipeline.transcribe uses, with temperature 0 only.
+    def _options(self, tokenizer: Tokenizer, chunk: _Chunk) -> TranscriptionOptions:
+        # BatchedInferencePipeline.transcribe's defaults; word timestamps always (they
+        # time the segments).
         return TranscriptionOptions(
             beam_size=self.beam_size,
             best_of=5,
@@ -169,29 +184,30 @@ class FasterWhisperEngine:
             condition_on_previous_text=False,
             prompt_reset_on_temperature=0.5,
             temperatures=[0.0],
-            initial_prompt=None,
+            initial_prompt=chunk.item.prompt,
             prefix=None,
             suppress_blank=True,
             suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-            without_timestamps=not self.segment_timestamps,
+            without_timestamps=True,
             max_initial_timestamp=0.0,
-            word_timestamps=word_timestamps,
+            word_timestamps=True,
             prepend_punctuations=_PREPEND,
             append_punctuations=_APPEND,
             multilingual=False,
             max_new_tokens=None,
             clip_timestamps=[],
             hallucination_silence_threshold=None,
-            hotwords=None,
+            hotwords=chunk.item.hotwords,
         )
 
-    def _decode(self, batch: list[tuple[_Chunk, int]], language: str, words: bool) -> None:
+    def _decode(self, batch: list[tuple[_Chunk, int]]) -> None:
         """One batched encoder + generate call over windows of possibly many chunks."""
         model = self.model
+        language = batch[0][0].decoding()[0]
         tokenizer = Tokenizer(
             model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language
         )
-        options = self._options(tokenizer, words)
+        options = self._options(tokenizer, batch[0][0])
         features = np.stack([pad_or_trim(chunk.features[w]) for chunk, w in batch])
         encoder_output, outputs = self._pipeline.generate_segment_batched(
             features, tokenizer, options
@@ -201,12 +217,11 @@ class FasterWhisperEngine:
             meta = chunk.metas[w]
             sizes.append(int(ceil(meta["duration"]) * model.frames_per_second))
             rows.append(self._split(tokenizer, output, meta, sizes[-1]))
-        if words:
-            text_tokens = [
-                [t for sub in row for t in sub["tokens"] if t < tokenizer.eot] for row in rows
-            ]
-            alignments = model.find_alignment(tokenizer, text_tokens, encoder_output, sizes)
-            self._add_words(batch, rows, sizes, alignments, tokenizer)
+        text_tokens = [
+            [t for sub in row for t in sub["tokens"] if t < tokenizer.eot] for row in rows
+        ]
+        alignments = model.find_alignment(tokenizer, text_tokens, encoder_output, sizes)
+        self._add_words(batch, rows, sizes, alignments, tokenizer)
         for (chunk, _), row in zip(batch, rows, strict=True):
             chunk.rows.append(row)
 
@@ -259,7 +274,7 @@ class FasterWhisperEngine:
             chunk.last_speech = chunk.last_speech if last is None else last
 
     def _finish(self, chunk: _Chunk) -> EngineOutput:
-        """Map window times back to the chunk, then onto the source timeline."""
+        """Map window times back to the chunk, then onto the source timeline, in phrases."""
         item = chunk.item
         decoded = [
             FwSegment(
@@ -272,38 +287,58 @@ class FasterWhisperEngine:
                 avg_logprob=sub["avg_logprob"],
                 compression_ratio=0.0,
                 no_speech_prob=sub["no_speech_prob"],
-                words=[FwWord(**w) for w in sub.get("words", [])] if item.word_timestamps else None,
+                words=[FwWord(**w) for w in sub.get("words", [])],
                 temperature=0.0,
             )
             for row in chunk.rows
             for sub in row
         ]
         restored = restore_speech_timestamps(decoded, chunk.speech, SAMPLE_RATE)
-        end = item.offset + len(item.audio) / SAMPLE_RATE
-        segments = [_to_protocol(seg, item.offset, end) for seg in restored if seg.text.strip()]
+        timeline = _Timeline(item.offset, item.offset + len(item.audio) / SAMPLE_RATE)
+        segments = [
+            segment
+            for window in restored
+            if window.text.strip()
+            for segment in timeline.phrases(window, item.word_timestamps)
+        ]
         return EngineOutput(segments, chunk.language, chunk.language_probability)
 
 
-def _to_protocol(seg: FwSegment, offset: float, end: float) -> Segment:
-    def at(t: float) -> float:
-        return round(min(max(offset + float(t), offset), end), 3)
+@dataclass(frozen=True)
+class _Timeline:
+    """A chunk's place on the source: its times are clamped inside it."""
 
-    words = None
-    if seg.words is not None:
-        words = [
-            Word(
-                start=at(w.start),
-                end=at(w.end),
-                word=w.word.strip(),
-                probability=float(w.probability),
-            )
-            for w in seg.words
+    offset: float
+    end: float
+
+    def at(self, t: float) -> float:
+        return round(min(max(self.offset + float(t), self.offset), self.end), 3)
+
+    def phrases(self, window: FwSegment, with_words: bool) -> list[Segment]:
+        """A decoded window as readable segments timed by their words (the window's own
+        speech-span times when it has none)."""
+        scores = {"avg_logprob": float(window.avg_logprob)}
+        scores["no_speech_prob"] = float(window.no_speech_prob)
+        if not window.words:
+            start, end = self.at(window.start), self.at(window.end)
+            return [Segment(start=start, end=end, text=window.text.strip(), **scores)]
+        timed = [
+            TimedWord(w.word, self.at(w.start), self.at(w.end), float(w.probability))
+            for w in window.words
         ]
-    return Segment(
-        start=at(seg.start),
-        end=at(seg.end),
-        text=seg.text.strip(),
-        words=words,
-        avg_logprob=float(seg.avg_logprob),
-        no_speech_prob=float(seg.no_speech_prob),
-    )
+        segments = []
+        for phrase in group_words(timed):
+            words = [
+                Word(start=w.start, end=w.end, word=w.text.strip(), probability=w.probability)
+                for w in phrase
+            ]
+            segments.append(
+                Segment(
+                    start=phrase[0].start,
+                    end=phrase[-1].end,
+                    text=phrase_text(phrase),
+                    words=words if with_words else None,
+                    **scores,
+                )
+            )
+        return segments

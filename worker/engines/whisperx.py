@@ -10,7 +10,9 @@ separate wav2vec2 forced alignment (``whisperx.align``).
 ``FasterWhisperPipeline.transcribe`` only batches the windows of one audio. Here the
 windows of every chunk in a ``transcribe_batch`` call (grouped by language) share the
 model calls, as in the faster-whisper engine, so a worker's batch of short chunks
-fills the batch (the point of whisperx on a GPU).
+fills the batch (the point of whisperx on a GPU). The plan's speech spans (found by
+faster-whisper's Silero VAD) are not used: each chunk is decoded in the windows
+whisperx's own VAD finds in it, as whisperx would.
 
 Nothing is downloaded at run time except a Whisper model named rather than given as a
 path (production): the VAD is the wheel's, and alignment runs only when its model and
@@ -22,6 +24,7 @@ already cached); unset, whisperx's default for the language is used when cached.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -126,14 +129,21 @@ class WhisperXEngine:
 
     def transcribe_batch(self, items: Sequence[EngineInput]) -> list[EngineOutput]:
         chunks = [self._prepare(item) for item in items]
-        by_language: dict[str, list[tuple[_Chunk, int]]] = {}
+        groups: dict[tuple[str, str | None, str | None], list[tuple[_Chunk, int]]] = {}
         for chunk in chunks:
+            decoding = (chunk.language or "en", chunk.item.prompt, chunk.item.hotwords)
             for index in range(len(chunk.windows)):
-                by_language.setdefault(chunk.language or "en", []).append((chunk, index))
-        for language, windows in by_language.items():  # in chunk order within a language
+                groups.setdefault(decoding, []).append((chunk, index))
+        for (language, *_), windows in groups.items():  # in chunk order within a group
             for start in range(0, len(windows), self.batch_size):
                 self._decode(windows[start : start + self.batch_size], language)
         return [self._finish(chunk) for chunk in chunks]
+
+    def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
+        if not self.model.model.is_multilingual:
+            return None
+        chunk = self._prepare(item)
+        return None if chunk.language is None else (chunk.language, chunk.language_probability)
 
     # --- steps ------------------------------------------------------------------
 
@@ -189,9 +199,11 @@ class WhisperXEngine:
     def _decode(self, batch: list[tuple[_Chunk, int]], language: str) -> None:
         """One batched encoder + generate call over windows of possibly many chunks."""
         features = self._features([self._samples(chunk, i) for chunk, i in batch])
-        out = self.model.generate_segment_batched(
-            features, self._tokenizer(language), self.pipeline.options
+        item = batch[0][0].item  # the batch shares its prompt and hotwords
+        options = dataclasses.replace(
+            self.pipeline.options, initial_prompt=item.prompt, hotwords=item.hotwords
         )
+        out = self.model.generate_segment_batched(features, self._tokenizer(language), options)
         for (chunk, i), text, logprob in zip(batch, out["text"], out["avg_logprob"], strict=True):
             start, end = chunk.windows[i]
             chunk.decoded.append(
