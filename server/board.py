@@ -160,15 +160,16 @@ SELECT count(*) FROM (
 
 # Fan-out: one transcribe job per planned chunk, inserted with the chunk job's
 # completion. ix_jobs_transcription (transcription_id, seq) is unique, so a chunk
-# plan can never be inserted twice.
+# plan can never be inserted twice. The speech spans come as one JSON array, one entry
+# per chunk (a list of lists would be taken for a multi-dimensional SQL array).
 INSERT_TRANSCRIBE_JOBS = """
 INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
                   start_seconds, end_seconds, speech, max_attempts)
 SELECT t.id, 'transcribe', 'queued', s.seq, t.model, t.priority, t.created_at,
-       s.start_seconds, s.end_seconds, s.speech, $6
+       s.start_seconds, s.end_seconds, nullif($5::jsonb -> (s.n - 1)::int, 'null'), $6
 FROM transcriptions t,
-     unnest($2::int[], $3::float8[], $4::float8[], $5::jsonb[])
-         AS s(seq, start_seconds, end_seconds, speech)
+     unnest($2::int[], $3::float8[], $4::float8[]) WITH ORDINALITY
+         AS s(seq, start_seconds, end_seconds, n)
 WHERE t.id = $1
 """
 

@@ -238,6 +238,27 @@ def test_fan_out_then_fan_in_merges_the_transcript(server, submitter, worker):
     assert transcript["text"] == "chunk 0 chunk 1 chunk 2 chunk 3"
 
 
+@pytest.mark.parametrize("per_chunk", [False, True])
+def test_the_plans_speech_and_language_reach_every_transcribe_job(
+    server, submitter, worker, per_chunk
+):
+    tid = submit(submitter, b"audio", detect_language_per_chunk=per_chunk).json()["id"]
+    [job] = worker.claim()
+    plan = chunk_plan(2)
+    plan["language"] = "de"
+    for chunk in plan["chunks"]:
+        chunk["speech"] = [
+            [chunk["start"] + 1, chunk["start"] + 4],
+            [chunk["start"] + 5, chunk["end"]],
+        ]
+    assert worker.complete(job, plan).status_code == 200
+    jobs = worker.claim(max_jobs=10)
+    assert [j["chunk"]["speech"] for j in jobs] == [c["speech"] for c in plan["chunks"]]
+    # Detected once by the chunk job, used by every chunk, unless each detects its own.
+    assert {j["options"]["language"] for j in jobs} == ({None} if per_chunk else {"de"})
+    assert submitter.get(f"/v1/transcriptions/{tid}").json()["options"]["language"] is None
+
+
 def test_an_empty_plan_succeeds_at_once_with_an_empty_transcript(server, submitter, worker):
     tid = submit(submitter, b"x").json()["id"]
     [job] = worker.claim()

@@ -44,10 +44,11 @@ def farm(make_server):
 
 @pytest.fixture(scope="module")
 def direct(speech):
-    """The same file through faster-whisper directly, as a user would without a farm."""
+    """The same file through faster-whisper's pipeline directly, as a user would without a
+    farm: its defaults, and word timestamps for the onsets."""
     model = WhisperModel(resolve_model("tiny.en"), device="cpu", compute_type="int8", cpu_threads=2)
     segments, _ = BatchedInferencePipeline(model).transcribe(
-        decode(speech), batch_size=8, word_timestamps=True, without_timestamps=False
+        decode(speech), batch_size=8, word_timestamps=True
     )
     return list(segments)
 
