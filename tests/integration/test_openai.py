@@ -145,7 +145,6 @@ def test_verbose_json_with_word_timestamps_and_a_model_name(farm, client, speech
         response_format="verbose_json",
         timestamp_granularities=["word", "segment"],
         temperature=0.2,
-        prompt="ignored",
     )
     document = native(farm, tid).json()
     assert document["options"]["word_timestamps"] is True

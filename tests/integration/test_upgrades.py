@@ -10,6 +10,7 @@ import pytest
 
 from server import db
 from server.auth import hash_key, new_key
+from server.protocol import PROTOCOL_VERSION
 from tests.farm import ProtocolWorker, Server, chunk_transcript, create_database, sql
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,7 +91,7 @@ def test_work_in_flight_survives_the_upgrade_and_finishes(postgres_url, tmp_path
                 headers={"X-Scribefarm-Protocol": "1.0"},
             )
         assert refused.status_code == 426
-        assert "speaks worker protocol 1.1" in refused.json()["message"]
+        assert f"speaks worker protocol {PROTOCOL_VERSION}" in refused.json()["message"]
         assert "Upgrade the worker" in refused.json()["message"]
         states = sql(url, "SELECT state FROM jobs WHERE transcription_id = $1 ORDER BY seq", tid)
         assert [r["state"] for r in states] == ["succeeded", "succeeded", "leased", "queued"]
