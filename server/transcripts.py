@@ -7,7 +7,7 @@ import zlib
 from collections import Counter
 from typing import Any
 
-from worker.phrases import TimedWord, group_words, phrase_text
+from worker.phrases import TimedWord, group_words, phrase_text, wrap_lines
 
 FORMATS = ("txt", "srt", "vtt", "json", "verbose_json")
 MEDIA_TYPES = {
@@ -42,8 +42,6 @@ def merge(chunks: list[tuple[float, float, dict[str, Any]]], duration: float) ->
         "segments": segments,
     }
 
-
-CUE_LINE_CHARS = 42
 
 MERGED_KEYS = ("duration_seconds", "language", "text", "segments")
 TIMINGS = {"submitted_at": "created_at", "started_at": "started_at", "finished_at": "finished_at"}
@@ -118,16 +116,6 @@ def _timed_words(segment: dict[str, Any]) -> list[TimedWord]:
         at += len(piece)
         timed.append(TimedWord(f" {piece}", round(first, 3), round(start + at * per_char, 3)))
     return timed
-
-
-def wrap_lines(text: str, width: int = CUE_LINE_CHARS) -> str:
-    """One line, or two as even as the words allow (a cue's second line)."""
-    if len(text) <= width or " " not in text:
-        return text
-    middle = len(text) / 2
-    spaces = [i for i, char in enumerate(text) if char == " "]
-    best = min(spaces, key=lambda i: (max(i, len(text) - i - 1) > width, abs(i - middle)))
-    return f"{text[:best]}\n{text[best + 1 :]}"
 
 
 def verbose_json(

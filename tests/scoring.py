@@ -8,8 +8,8 @@ scores transcripts. Besides the word error rate:
   (a dropped phrase, which a WER averages away);
 * insertions: words in the transcript that were not said;
 * start error: for each segment whose first word matches a reference word, how far the
-  segment's start is from that word's start (reference word times from the recording's
-  own alignment, or from another transcript's word timestamps).
+  segment's start is from that word's start; for recordings without word times, how far
+  each utterance's (turn's) first segment starts from where its speech starts.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def score(
     reference: str,
     hypothesis: TimedText,
     reference_words: Sequence[tuple[str, float, float]] | None = None,
+    turns: Sequence[tuple[str, float, float]] = (),
 ) -> Score:
     """Scores ``hypothesis`` against ``reference``; start errors need the reference's
-    timed words ((word, start, end) in order)."""
+    timed words ((word, start, end) in order) or its turns ((speaker, start, end))."""
     ref = normalise_text(reference).split()
     hyp, firsts = _words_and_segment_starts(hypothesis)
     if not ref:
@@ -63,10 +64,24 @@ def score(
     runs = sum(
         1 for c in chunks if c.type == "delete" and c.ref_end_idx - c.ref_start_idx >= DELETION_RUN
     )
-    start_error = None
     if reference_words is not None:
         start_error = _start_error(reference_words, hypothesis, firsts)
+    else:
+        start_error = _turn_start_error(turns, hypothesis)
     return Score(out.wer, runs, out.insertions, start_error)
+
+
+def _turn_start_error(
+    turns: Sequence[tuple[str, float, float]], hypothesis: TimedText
+) -> float | None:
+    """Median |start of a turn's first segment − start of the turn's speech|, over turns
+    a segment starts in (from a second before the speech, which padding may reach)."""
+    errors = []
+    for _, start, end in turns:
+        inside = [at for at, _ in hypothesis.segments if start - 1.0 <= at < end]
+        if inside:
+            errors.append(abs(inside[0] - start))
+    return statistics.median(errors) if errors else None
 
 
 def _words_and_segment_starts(text: TimedText) -> tuple[list[str], list[int | None]]:

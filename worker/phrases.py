@@ -3,8 +3,8 @@
 Whisper decodes up to 30 s at a time; without timestamp tokens (as the batched
 pipeline decodes, and as accurately as it) a window comes back as one long text. Its
 words, timed by cross-attention alignment, are grouped here into segments a reader can
-follow: one sentence or phrase each, at most two subtitle lines (2 × 42 characters)
-and 7 seconds, broken after a sentence's end, at a pause, or else at the last comma.
+follow: one sentence or phrase each, fitting two subtitle lines of 42 characters and
+at most 7 seconds, broken after a sentence's end, at a pause, or else at the last comma.
 Each segment starts at its first word, so a cue appears when its words are spoken.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MAX_CHARS = 84  # two lines of 42: the usual subtitle limit (e.g. Netflix's guidelines)
+LINE_CHARS = 42  # a subtitle line: the usual limit (e.g. Netflix's guidelines)
 MAX_SECONDS = 7.0
 PAUSE_SECONDS = 1.0  # a silence this long between words ends a phrase
 _SENTENCE_ENDS = (".", "?", "!", "。", "？", "！")
@@ -29,7 +29,7 @@ class TimedWord:
 
 
 def group_words(words: Sequence[TimedWord]) -> list[list[TimedWord]]:
-    """Consecutive words in phrases within MAX_CHARS and MAX_SECONDS (a single longer
+    """Consecutive words in phrases that fit two lines and MAX_SECONDS (a single longer
     word stands alone): sentences, each too long one halved until its pieces fit."""
     phrases: list[list[TimedWord]] = []
     for sentence in _sentences(words):
@@ -58,8 +58,22 @@ def _sentences(words: Sequence[TimedWord]) -> list[list[TimedWord]]:
     return sentences
 
 
+def wrap_lines(text: str, width: int = LINE_CHARS) -> str:
+    """One line, or two as even as the words allow (a cue's second line)."""
+    if len(text) <= width or " " not in text:
+        return text
+    middle = len(text) / 2
+    spaces = [i for i, char in enumerate(text) if char == " "]
+    best = min(spaces, key=lambda i: (max(i, len(text) - i - 1) > width, abs(i - middle)))
+    return f"{text[:best]}\n{text[best + 1 :]}"
+
+
+def _fits_two_lines(text: str) -> bool:
+    return all(len(line) <= LINE_CHARS for line in wrap_lines(text).split("\n"))
+
+
 def _fit(words: list[TimedWord]) -> list[list[TimedWord]]:
-    fits = len(phrase_text(words)) <= MAX_CHARS and words[-1].end - words[0].start <= MAX_SECONDS
+    fits = _fits_two_lines(phrase_text(words)) and words[-1].end - words[0].start <= MAX_SECONDS
     if fits or len(words) == 1:
         return [words]
     cut = min(range(1, len(words)), key=lambda i: _cut_cost(words, i))

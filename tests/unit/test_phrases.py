@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.transcripts import cues, wrap_lines
-from worker.phrases import MAX_CHARS, MAX_SECONDS, TimedWord, group_words, phrase_text
+from server.transcripts import cues
+from worker.phrases import MAX_SECONDS, TimedWord, group_words, phrase_text, wrap_lines
 
 
 def timed(text: str, start: float = 0.0, per_word: float = 0.4) -> list[TimedWord]:
@@ -37,7 +37,7 @@ def test_a_long_sentence_is_halved_at_its_clause():
     )
     phrases = [phrase_text(p) for p in group_words(timed(text, per_word=0.25))]
     assert phrases[0].endswith("rain,")
-    assert all(len(p) <= MAX_CHARS for p in phrases)
+    assert all(len(line) <= 42 for p in phrases for line in wrap_lines(p).split("\n"))
 
 
 @settings(max_examples=200, deadline=None)
@@ -51,7 +51,8 @@ def test_every_word_once_in_order_within_the_limits(words, per_word):
     assert [w for p in phrases for w in p] == timed_words
     for phrase in phrases:
         if len(phrase) > 1:
-            assert len(phrase_text(phrase)) <= MAX_CHARS
+            lines = wrap_lines(phrase_text(phrase)).split("\n")
+            assert len(lines) <= 2 and all(len(line) <= 42 for line in lines)
             assert phrase[-1].end - phrase[0].start <= MAX_SECONDS + 1e-9
 
 
@@ -75,6 +76,13 @@ def test_cues_start_at_their_first_word():
     parts = cues([{"start": 2.0, "end": words[-1]["end"], "text": text, "words": words}])
     starts = {w["start"] for w in words}
     assert all(start in starts for start, _, _ in parts)
+
+
+def test_a_phrase_that_two_lines_cannot_hold_is_split():
+    # 84 characters, but no space near enough the middle for two lines of 42.
+    text = "is available to take your call at the moment Please hold while we try to connect you"
+    phrases = [phrase_text(p) for p in group_words(timed(text, per_word=0.2))]
+    assert len(phrases) == 2 and " ".join(phrases) == text
 
 
 def test_wrap_lines_balances_two_lines():
