@@ -186,13 +186,13 @@ class Worker:
             return
         await self._finish(job, plan)
 
-    @staticmethod
-    def _detects_language_once(job: ClaimedJob) -> bool:
+    def _detects_language_once(self, job: ClaimedJob) -> bool:
         options = job.options
-        return options.language is None and not options.detect_language_per_chunk
+        once = options.language is None and not options.detect_language_per_chunk
+        return once and self.engine.multilingual
 
     def _first_language(self, job: ClaimedJob, source: str, plan: ChunkPlan) -> str | None:
-        """The language of the first speech, for every chunk (None: an English-only model)."""
+        """The language of the first speech, for every chunk."""
         first = plan.chunks[0]
         audio = read_range(source, first.start, first.end)
         detected = self.engine.detect_language(self._engine_input(job, audio, first))

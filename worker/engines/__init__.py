@@ -52,6 +52,7 @@ class Engine(Protocol):
     models: list[str]  # model names this worker can serve (what jobs name)
     device: str  # "cpu" or "cuda"
     batch_size: int  # windows per model call
+    multilingual: bool  # the model can tell languages apart (English-only ones cannot)
 
     def transcribe_batch(self, items: Sequence[EngineInput]) -> list[EngineOutput]:
         """Transcribe several chunks together; one output per input, in order."""
@@ -59,7 +60,7 @@ class Engine(Protocol):
 
     def detect_language(self, audio: np.ndarray) -> tuple[str, float] | None:
         """The language of the first 30 s of speech in ``audio`` with its probability;
-        None for an English-only model (nothing to detect)."""
+        None when there is no speech, or the model is English-only."""
         ...
 
 

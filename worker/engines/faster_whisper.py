@@ -132,8 +132,12 @@ class FasterWhisperEngine:
                 self._decode(group_list[i : i + self.batch_size])
         return [self._finish(chunk) for chunk in chunks]
 
+    @property
+    def multilingual(self) -> bool:
+        return self.model.model.is_multilingual
+
     def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
-        if not self.model.model.is_multilingual:
+        if not self.multilingual:
             return None
         chunk = self._prepare(item)
         return None if chunk.language is None else (chunk.language, chunk.language_probability)
