@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     default_chunk_seconds: float = 60.0
     max_chunk_seconds: float = 120.0
     max_upload_bytes: int = 2 * 1024**3
+    # Request bodies are capped before they are read (server/bodylimit.py): chunk
+    # results (a worker's completion), and every other body that is not an upload.
+    max_result_bytes: int = Field(default=16 * 1024**2, ge=64 * 1024)
+    max_request_bytes: int = Field(default=256 * 1024, ge=16 * 1024)
     max_audio_seconds: float = Field(default=24 * 3600.0, gt=0)
     # Per submit key (admin keys are the operator's, and exempt).
     max_active_per_key: int = Field(default=100, ge=1)
