@@ -19,6 +19,7 @@ from server.board import JOBS_CHANNEL, Board, init_connection
 from server.bodylimit import BodyLimit
 from server.doorbell import Doorbell
 from server.notifications import Notifications
+from server.probes import ProbeLimiter
 from server.settings import Settings
 from server.storage import LocalStorage, open_storage
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = open_storage(settings)
     app.state.keys = KeyCache()
+    app.state.probes = ProbeLimiter(settings.submissions_per_minute)
     errors.install(app)
     # /v1/media serves the local backend only; with S3, workers read presigned URLs.
     local = isinstance(app.state.storage, LocalStorage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -140,7 +141,8 @@ async def submit_url(
     source = await (read_source or json_source)(request)
     await check_options(request, source)
     url = str(source.url)
-    await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
+    with state.probes.probe(caller.key_id) if limited else contextlib.nullcontext():
+        await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
     options = TranscriptionOptions.model_validate(source.model_dump(exclude={"url"}))
     transcription_id = uuid4()
     await state.board.submit(
