@@ -79,8 +79,7 @@ def test_failed_probes_count_against_the_keys_limit(make_server):
     with http_server("127.0.0.1", lambda h, n: send(h, 404)) as (url, seen):
         with server.client(key) as client:
             answers = [
-                client.post("/v1/transcriptions", json={"url": f"{url}/{i}.wav"})
-                for i in range(5)
+                client.post("/v1/transcriptions", json={"url": f"{url}/{i}.wav"}) for i in range(5)
             ]
     codes = [(r.status_code, r.json()["code"]) for r in answers]
     assert codes[:3] == [(422, "url_unreachable")] * 3
