@@ -216,10 +216,11 @@ SET state = 'succeeded', transcript = $2, transcript_key = $3, transcript_bytes 
 WHERE id = $1 AND state = 'running'
 """
 
-# Uses ix_transcriptions_dedup.
+# Uses ix_transcriptions_dedup. Only the same key's own: a match across keys would tell
+# one tenant that another transcribed the same bytes (issue 13).
 FIND_DUPLICATE = """
 SELECT id, transcript, transcript_key, duration_seconds FROM transcriptions
-WHERE dedup_key = $1 AND state = 'succeeded'
+WHERE dedup_key = $1 AND state = 'succeeded' AND api_key_id = $2
 ORDER BY finished_at DESC
 LIMIT 1
 """
@@ -676,7 +677,7 @@ class Board:
                 await self._check_limits(conn, owner)
             original = None
             if dedup_key and self.settings.dedup:
-                original = await conn.fetchrow(FIND_DUPLICATE, dedup_key)
+                original = await conn.fetchrow(FIND_DUPLICATE, dedup_key, owner)
             if original is None:
                 await conn.execute(INSERT_TRANSCRIPTION, *row, self.settings.max_attempts)
                 await notify_jobs(conn, 1)
@@ -790,6 +791,9 @@ class Board:
     async def retry_transcription(self, transcription_id: UUID, owner: UUID | None) -> None:
         row = await self.get(transcription_id, owner)
         async with self.pool.acquire() as conn, conn.transaction():
+            if owner is not None:  # a submit key's retry is new work: held to its limits
+                await conn.execute(LOCK_KEY, str(owner))
+                await self._check_limits(conn, owner)
             await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
             result = await conn.fetchrow(RETRY_TRANSCRIPTION, transcription_id)
             if not result["retried"]:

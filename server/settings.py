@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # Per submit key (admin keys are the operator's, and exempt).
     max_active_per_key: int = Field(default=100, ge=1)
     submissions_per_minute: int = Field(default=60, ge=1)
+    # The highest priority a submit key may ask for: above it jumps everyone's queue.
+    max_submit_priority: int = Field(default=0, ge=-100, le=100)
     max_workers: int = Field(default=1000, ge=1)
     # Not heard from for this long and holding no live lease: the worker is gone (it no
     # longer counts against max_workers). Long polls end after half of it at most.
