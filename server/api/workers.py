@@ -157,7 +157,8 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
 async def cache_lookup(request: Request, body: CacheLookup, caller: WorkerKey) -> CacheHits:
     """Earlier results for chunks with the same audio, model and options: the worker
     reuses them instead of running the model."""
-    return CacheHits(results=await request.app.state.board.cached_chunks(body.keys))
+    board = request.app.state.board
+    return CacheHits(results=await board.cached_chunks(body.keys, body.job_ids, caller.key_id))
 
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=LeaseResponse, responses=LEASE_ERRORS)

@@ -1,10 +1,12 @@
 """One tenant (submit key) against another and against the queue (issue 13): dedup
 stays within a key, priority above the board's maximum needs an admin key, and a
-retry is new work, held to the key's limits."""
+retry is new work, held to the key's limits; the chunk cache is per owner."""
 
 from __future__ import annotations
 
-from tests.farm import ProtocolWorker, submit
+import pytest
+
+from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit
 from tests.integration.test_results import finish_one
 
 
@@ -54,3 +56,70 @@ def test_a_retry_counts_against_the_active_limit(make_server):
         assert retry.json()["code"] == "too_many_active"
         assert client.get(f"/v1/transcriptions/{failed}").json()["state"] == "failed"
     worker.close()
+
+
+def transcribe_job(worker: ProtocolWorker, client, audio: bytes) -> tuple[str, dict]:
+    """Submits `audio`, plans it as one chunk; returns the id and its leased transcribe job."""
+    tid = submit(client, audio).json()["id"]
+    [job] = worker.claim()
+    assert worker.complete(job, chunk_plan(1)).status_code == 200
+    [job] = worker.claim()
+    return tid, job
+
+
+def lookup(worker: ProtocolWorker, key: str, job: dict | None) -> dict:
+    body = {"keys": [key], "job_ids": [job["id"]] if job else []}
+    response = worker.http.post("/v1/chunk-cache/lookup", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def test_the_chunk_cache_is_per_owner_and_forgets_deleted_transcriptions(server_and_keys):
+    server, worker_key = server_and_keys
+    alice, mallory = server.create_key("submit"), server.create_key("submit")
+    worker = ProtocolWorker(server, worker_key)
+    key = "a" * 64  # what workers derive from the audio and options
+    with server.client(alice) as a, server.client(mallory) as m:
+        # Mallory's worker completes Mallory's job, planting text under a key it chose.
+        _, job = transcribe_job(worker, m, b"mallory")
+        planted = {**chunk_transcript(job, "PLANTED"), "cache_key": key}
+        assert worker.complete(job, planted).status_code == 200
+        # Alice's chunk with that key finds nothing of Mallory's.
+        first, job = transcribe_job(worker, a, b"alice")
+        assert lookup(worker, key, job) == {}
+        mine = {**chunk_transcript(job, "alice's words"), "cache_key": key}
+        assert worker.complete(job, mine).status_code == 200
+        # Her own next chunk reuses her text; Mallory's job cannot read it; nor can a
+        # lookup naming no job.
+        _, again = transcribe_job(worker, a, b"alice again")
+        [hit] = lookup(worker, key, again).values()
+        assert hit["segments"][0]["text"] == "alice's words"
+        _, theirs = transcribe_job(worker, m, b"mallory again")
+        assert lookup(worker, key, theirs)[key]["segments"][0]["text"] == "PLANTED"
+        assert lookup(worker, key, None) == {}
+        # Deleting her transcription deletes what the cache holds from it.
+        assert a.delete(f"/v1/transcriptions/{first}").status_code == 204
+        assert lookup(worker, key, again) == {}
+    worker.close()
+
+
+def test_a_worker_cannot_look_up_the_cache_for_another_workers_job(server_and_keys):
+    server, worker_key = server_and_keys
+    alice = server.create_key("submit")
+    other = ProtocolWorker(server, server.create_key("worker"))
+    worker = ProtocolWorker(server, worker_key)
+    key = "b" * 64
+    with server.client(alice) as a:
+        _, job = transcribe_job(worker, a, b"alice")
+        assert worker.complete(job, {**chunk_transcript(job), "cache_key": key}).status_code == 200
+        _, again = transcribe_job(worker, a, b"alice again")
+        assert lookup(worker, key, again) != {}
+        assert lookup(other, key, again) == {}  # not a job this worker key holds
+    worker.close()
+    other.close()
+
+
+@pytest.fixture
+def server_and_keys(make_server):
+    server = make_server()
+    return server, server.create_key("worker")
