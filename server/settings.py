@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     webhook_retry_max_seconds: float = Field(
         default=3600.0, gt=0, description="Longest delay between webhook attempts."
     )
+    # GET /metrics: its board query is shared by the scrapes within this many seconds,
+    # and with a token set, a scrape must send it (Authorization: Bearer <token>).
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
+    metrics_token: SecretStr | None = None
     openai_wait_seconds: float = Field(
         default=3600.0, description="How long /v1/audio/transcriptions waits for its result."
     )
