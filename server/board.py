@@ -21,7 +21,7 @@ from uuid import UUID
 import asyncpg
 
 from server import metrics, transcripts
-from server.errors import ApiError
+from server.errors import ApiError, text_refused
 from server.protocol import CachedChunk, ChunkPlan, ChunkTranscript
 from server.settings import Settings
 from server.storage import Storage
@@ -973,6 +973,8 @@ class Board:
         """Earlier results for `keys[i]`, each looked up among what the owner of
         `job_ids[i]` (a job this worker key holds) stored: one tenant never reads
         another's text. Keys without a job of this worker's find nothing."""
+        if any("\0" in key for key in keys):  # hashed below, but still no text to store
+            raise text_refused()
         owners = {
             row["id"]: row["owner"]
             for row in await self.pool.fetch(LEASED_JOB_OWNERS, job_ids, worker_key)
