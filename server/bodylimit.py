@@ -89,7 +89,7 @@ class BodyLimit:
         limit = limit_for(scope, self.settings)
         declared = declared_length(scope)
         if declared is not None and declared > limit.bytes:
-            await self.refuse(scope, send, limit)  # unread: uvicorn discards the rest
+            await self.refuse(scope, send, limit)  # unread: the connection closes after it
             return
         received = 0
         exceeded = False
