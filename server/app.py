@@ -16,8 +16,10 @@ from server.api import openai as openai_api
 from server.api import webhooks as webhooks_api
 from server.auth import KeyCache, RoleCheck
 from server.board import JOBS_CHANNEL, Board, init_connection
+from server.bodylimit import BodyLimit
 from server.doorbell import Doorbell
 from server.notifications import Notifications
+from server.probes import ProbeLimiter
 from server.settings import Settings
 from server.storage import LocalStorage, open_storage
 
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = open_storage(settings)
     app.state.keys = KeyCache()
+    app.state.probes = ProbeLimiter(settings.submissions_per_minute)
     errors.install(app)
     # /v1/media serves the local backend only; with S3, workers read presigned URLs.
     local = isinstance(app.state.storage, LocalStorage)
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     dashboard.install(app)  # the web pages at /: not in the API's schema
+    app.add_middleware(BodyLimit, settings=settings)  # before parsing, before auth
     app.openapi = lambda: openapi_with_roles(app, routers)
     return app
 
@@ -103,5 +107,7 @@ def openapi_with_roles(app: FastAPI, routers: list[APIRouter]) -> dict:
                     operation = schema["paths"][route.path_format][method.lower()]
                     operation["x-scribefarm-roles"] = roles
                     operation["responses"].setdefault("503", errors.database_down_response())
+                    if "requestBody" in operation:  # every body is capped (bodylimit.py)
+                        operation["responses"].setdefault("413", errors.body_too_large_response())
         app.openapi_schema = schema
     return app.openapi_schema

@@ -23,6 +23,9 @@ from server.errors import ApiError
 ROLES = ("submit", "worker", "admin")
 KEY_PREFIX = "sf_"
 CACHE_SECONDS = 5.0  # how long a revocation may take to be noticed
+# Long waits (a worker's long poll, an OpenAI request waiting for its transcript)
+# recheck their key this often, so a revocation ends them within 5 s too.
+WAIT_RECHECK_SECONDS = 2.0
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer sf_...`")
 
@@ -51,6 +54,20 @@ class KeyCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, Caller | None]] = {}
+        self._active: dict[UUID, tuple[float, bool]] = {}
+
+    async def active(self, board, key_id: UUID) -> bool:
+        """Whether the key is still neither revoked nor expired, for requests that wait:
+        read at most every WAIT_RECHECK_SECONDS per key, however many wait on it."""
+        hit = self._active.get(key_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        row = await board.find_key_by_id(key_id)
+        active = row is not None and not row["expired"] and not row["revoked"]
+        if len(self._active) > 10_000:
+            self._active.clear()
+        self._active[key_id] = (time.monotonic() + WAIT_RECHECK_SECONDS, active)
+        return active
 
     async def lookup(self, board, key: str) -> Caller | None:
         digest = hash_key(key)
@@ -104,6 +121,16 @@ class RoleCheck:
                 + " or ".join(self.roles),
             )
         return caller
+
+
+def key_gone() -> ApiError:
+    """A waiting request's key was revoked (or expired) while it waited."""
+    return ApiError(
+        401,
+        "invalid_key",
+        "the API key was revoked or expired while this request waited",
+        {"WWW-Authenticate": "Bearer"},
+    )
 
 
 def allow(*roles: str):

@@ -21,7 +21,7 @@ from uuid import UUID
 import asyncpg
 
 from server import metrics, transcripts
-from server.errors import ApiError
+from server.errors import ApiError, text_refused
 from server.protocol import CachedChunk, ChunkPlan, ChunkTranscript
 from server.settings import Settings
 from server.storage import Storage
@@ -218,16 +218,40 @@ SET state = 'succeeded', transcript = $2, transcript_key = $3, transcript_bytes 
 WHERE id = $1 AND state = 'running'
 """
 
-# Uses ix_transcriptions_dedup.
+# Uses ix_transcriptions_dedup. Only the same key's own: a match across keys would tell
+# one tenant that another transcribed the same bytes (issue 13).
 FIND_DUPLICATE = """
 SELECT id, transcript, transcript_key, duration_seconds FROM transcriptions
-WHERE dedup_key = $1 AND state = 'succeeded'
+WHERE dedup_key = $1 AND state = 'succeeded' AND api_key_id = $2
 ORDER BY finished_at DESC
 LIMIT 1
 """
 
-# Primary key lookups.
+# Primary key lookups. Keys are scoped to an owner (scoped_cache_key).
 CACHE_LOOKUP = "SELECT key, result FROM chunk_cache WHERE key = ANY($1::text[])"
+
+# The owners of jobs the calling worker key holds leases on: primary keys of jobs,
+# workers and transcriptions. A worker may look up the cache only for its own jobs.
+LEASED_JOB_OWNERS = """
+SELECT j.id, t.api_key_id AS owner
+FROM jobs j
+JOIN workers w ON w.id = j.worker_id
+JOIN transcriptions t ON t.id = j.transcription_id
+WHERE j.id = ANY($1::uuid[]) AND j.state = 'leased' AND w.api_key_id = $2
+"""
+
+# Primary key.
+TRANSCRIPTION_OWNER = "SELECT api_key_id FROM transcriptions WHERE id = $1"
+
+# ix_jobs_transcription: the cache keys a transcription's chunks stored or reused.
+TRANSCRIPTION_CACHE_KEYS = """
+SELECT DISTINCT t.api_key_id AS owner, j.result ->> 'cache_key' AS key
+FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+WHERE j.transcription_id = $1 AND j.result ->> 'cache_key' IS NOT NULL
+"""
+
+# Primary key lookups.
+CACHE_DELETE = "DELETE FROM chunk_cache WHERE key = ANY($1::text[])"
 
 # Primary key; the first result stored for a key stays.
 CACHE_STORE = """
@@ -678,7 +702,7 @@ class Board:
                 await self._check_limits(conn, owner)
             original = None
             if dedup_key and self.settings.dedup:
-                original = await conn.fetchrow(FIND_DUPLICATE, dedup_key)
+                original = await conn.fetchrow(FIND_DUPLICATE, dedup_key, owner)
             if original is None:
                 await conn.execute(INSERT_TRANSCRIPTION, *row, self.settings.max_attempts)
                 await notify_jobs(conn, 1)
@@ -768,6 +792,10 @@ class Board:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
             await conn.fetchval(CANCEL_TRANSCRIPTION, transcription_id)
+            # What the cache holds from it goes too (its text is the user's).
+            cached = await conn.fetch(TRANSCRIPTION_CACHE_KEYS, transcription_id)
+            scoped = [scoped_cache_key(r["owner"], r["key"]) for r in cached]
+            await conn.execute(CACHE_DELETE, scoped)
             row = await conn.fetchrow(DELETE_TRANSCRIPTION, transcription_id)
         return object_keys([row] if row else [])
 
@@ -792,6 +820,9 @@ class Board:
     async def retry_transcription(self, transcription_id: UUID, owner: UUID | None) -> None:
         row = await self.get(transcription_id, owner)
         async with self.pool.acquire() as conn, conn.transaction():
+            if owner is not None:  # a submit key's retry is new work: held to its limits
+                await conn.execute(LOCK_KEY, str(owner))
+                await self._check_limits(conn, owner)
             await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
             result = await conn.fetchrow(RETRY_TRANSCRIPTION, transcription_id)
             if not result["retried"]:
@@ -938,9 +969,30 @@ class Board:
         """Revokes the one active key matching an id, a prefix or a key's hash."""
         return await self.pool.fetchval(REVOKE_KEY, id_or_prefix, key_hash)
 
-    async def cached_chunks(self, keys: list[str]) -> dict[str, dict[str, Any]]:
-        rows = await self.pool.fetch(CACHE_LOOKUP, keys)
-        return {row["key"]: row["result"] for row in rows}
+    async def cached_chunks(
+        self, keys: list[str], job_ids: list[UUID], worker_key: UUID
+    ) -> dict[str, dict[str, Any]]:
+        """Earlier results for `keys[i]`, each looked up among what the owner of
+        `job_ids[i]` (a job this worker key holds) stored: one tenant never reads
+        another's text. Keys without a job of this worker's find nothing."""
+        if any("\0" in key for key in keys):  # hashed below, but still no text to store
+            raise text_refused()
+        owners = {
+            row["id"]: row["owner"]
+            for row in await self.pool.fetch(LEASED_JOB_OWNERS, job_ids, worker_key)
+        }
+        key_owners: dict[str, set[UUID]] = {}
+        for key, job in zip(keys, job_ids, strict=False):
+            key_owners.setdefault(key, set()).add(owners.get(job))
+        # Hits are answered by key: one key in jobs of two owners would hand one owner's
+        # entry to the other's job too, so such a key (or one without a job) is a miss.
+        scoped = {
+            scoped_cache_key(next(iter(found)), key): key
+            for key, found in key_owners.items()
+            if len(found) == 1 and None not in found
+        }
+        rows = await self.pool.fetch(CACHE_LOOKUP, list(scoped))
+        return {scoped[row["key"]]: row["result"] for row in rows}
 
     # --- dashboard ----------------------------------------------------------
 
@@ -1045,7 +1097,9 @@ class Board:
             result.cached,
         )
         if result.cache_key and not result.cached:
-            await conn.execute(CACHE_STORE, result.cache_key, cache_entry(result, job))
+            owner = await conn.fetchval(TRANSCRIPTION_OWNER, job["transcription_id"])
+            key = scoped_cache_key(owner, result.cache_key)
+            await conn.execute(CACHE_STORE, key, cache_entry(result, job))
         if counts is None or counts["jobs_done"] < counts["jobs_total"]:
             return
         rows = await conn.fetch(CHUNK_RESULTS, job["transcription_id"])
@@ -1109,6 +1163,12 @@ def failure_reason(job: asyncpg.Record, error: str) -> str:
         f"chunk {job['seq'] - 1} ({job['start_seconds']:.1f}-{job['end_seconds']:.1f} s) "
         f"failed after {job['attempts']} attempt(s): {error}"
     )
+
+
+def scoped_cache_key(owner: UUID, key: str) -> str:
+    """The chunk cache is per owner (submit key): a worker's `cache_key` alone would let
+    any worker key plant text in, or read it from, other tenants' transcripts."""
+    return hashlib.sha256(f"{owner}:{key}".encode()).hexdigest()
 
 
 def cache_entry(result: ChunkTranscript, job: asyncpg.Record) -> dict[str, Any]:

@@ -26,7 +26,8 @@ ERROR_DESCRIPTIONS = {
     403: "The API key's role may not use this route.",
     404: "No such object (or not one this key may see).",
     409: "The object is not in a state that allows this.",
-    413: "The upload (or one of its form fields) is over the limit.",
+    413: "The body (an upload, a form field, a job result) is over its limit; `message` "
+    "names the setting.",
     415: "The body is not of a media type this route accepts.",
     422: "A parameter or a field of the body is missing or malformed; `message` names it.",
     426: "The worker speaks an older or another major version of the worker protocol.",
@@ -55,6 +56,15 @@ def database_down_response() -> dict[str, Any]:
         "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}
         },
+    }
+
+
+def body_too_large_response() -> dict[str, Any]:
+    """The 413 every route with a body may answer (server/bodylimit.py), in OpenAPI's form."""
+    schema = {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}
+    return {
+        "description": ERROR_DESCRIPTIONS[413],
+        "content": {"application/json": {"schema": schema}},
     }
 
 

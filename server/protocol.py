@@ -248,6 +248,9 @@ class CompleteRequest(Strict):
 
 class CacheLookup(Strict):
     keys: list[str] = Field(max_length=256)
+    # job_ids[i]: the leased job keys[i] is for. The cache is per owner, so a key without
+    # one of the caller's jobs finds nothing (older workers: no hits, only misses).
+    job_ids: list[UUID] = Field(default_factory=list, max_length=256)
 
 
 class CachedChunk(BaseModel):

@@ -51,10 +51,16 @@ class Settings(BaseSettings):
     default_chunk_seconds: float = 60.0
     max_chunk_seconds: float = 120.0
     max_upload_bytes: int = 2 * 1024**3
+    # Request bodies are capped before they are read (server/bodylimit.py): chunk
+    # results (a worker's completion), and every other body that is not an upload.
+    max_result_bytes: int = Field(default=16 * 1024**2, ge=64 * 1024)
+    max_request_bytes: int = Field(default=256 * 1024, ge=16 * 1024)
     max_audio_seconds: float = Field(default=24 * 3600.0, gt=0)
     # Per submit key (admin keys are the operator's, and exempt).
     max_active_per_key: int = Field(default=100, ge=1)
     submissions_per_minute: int = Field(default=60, ge=1)
+    # The highest priority a submit key may ask for: above it jumps everyone's queue.
+    max_submit_priority: int = Field(default=0, ge=-100, le=100)
     max_workers: int = Field(default=1000, ge=1)
     # Not heard from for this long and holding no live lease: the worker is gone (it no
     # longer counts against max_workers). Long polls end after half of it at most.
@@ -111,6 +117,10 @@ class Settings(BaseSettings):
     webhook_retry_max_seconds: float = Field(
         default=3600.0, gt=0, description="Longest delay between webhook attempts."
     )
+    # GET /metrics: its board query is shared by the scrapes within this many seconds,
+    # and with a token set, a scrape must send it (Authorization: Bearer <token>).
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
+    metrics_token: SecretStr | None = None
     openai_wait_seconds: float = Field(
         default=3600.0, description="How long /v1/audio/transcriptions waits for its result."
     )

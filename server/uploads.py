@@ -13,6 +13,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from server.errors import ApiError
 
 MAX_FIELD_BYTES = 8192
+# The parts around the file are few and small; without these caps, fields (each kept in
+# memory) and part headers could fill the whole upload limit.
+MAX_FIELDS = 64
+MAX_PART_HEADERS = 8  # per part (python-multipart's own default, set here so it stays)
+MAX_PART_HEADER_BYTES = 4096  # per header line
 MULTIPART_OVERHEAD = 1024 * 1024  # headers and small fields around the file
 
 
@@ -64,9 +69,16 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
     pending: list[bytes] = []
     part = _Part()
 
+    parts = 0
+
     def on_part_begin() -> None:
-        nonlocal part
+        nonlocal part, parts
         part = _Part()
+        parts += 1
+        if parts > MAX_FIELDS + 1:  # the fields and the file
+            raise ApiError(
+                413, "too_many_fields", f"the form has more than {MAX_FIELDS} fields; send fewer"
+            )
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         part.header_field += data[start:end]
@@ -93,7 +105,11 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
             return
         part.value += data[start:end]
         if len(part.value) > MAX_FIELD_BYTES:
-            raise ApiError(413, "field_too_large", f"form field {part.name!r} is too long")
+            raise ApiError(
+                413,
+                "field_too_large",
+                f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes; send a shorter value",
+            )
 
     def on_part_end() -> None:
         if not part.is_file and part.name:
@@ -112,6 +128,8 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
         },
+        max_header_count=MAX_PART_HEADERS,
+        max_header_size=MAX_PART_HEADER_BYTES,
     )
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -119,6 +137,13 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
             try:
                 parser.write(body)
             except MultipartParseError as exc:
+                if "Maximum header" in str(exc):  # python-multipart's caps, set above
+                    raise ApiError(
+                        413,
+                        "part_headers_too_large",
+                        f"a form part has more than {MAX_PART_HEADERS} headers or one over "
+                        f"{MAX_PART_HEADER_BYTES} bytes; send fewer, shorter headers",
+                    ) from exc
                 message = f"the multipart body is malformed: {exc}"
                 raise ApiError(422, "bad_multipart", message) from exc
             if upload.size > limit:

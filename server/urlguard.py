@@ -8,6 +8,7 @@ redirect. Imports only the standard library and httpx: workers use it too.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 MAX_REDIRECTS = 5
+PROBE_SECONDS = 15.0  # the whole probe of a URL: DNS, every redirect, every header
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -92,12 +94,33 @@ def kind_of(address: IpAddress) -> str:
 
 def final_url(url: str, allowlist: Allowlist, headers: Sequence[tuple[str, str]] = ()) -> str:
     """Follows redirects one hop at a time, checking each, and returns the URL that
-    answers with content. Asks for one byte, so nothing large is downloaded."""
-    with httpx.Client(timeout=15, follow_redirects=False, headers=list(headers)) as client:
+    answers with content. Blocking (callers run it in a thread): the whole probe,
+    every hop included, ends within PROBE_SECONDS, however slowly the host answers."""
+    return asyncio.run(_final_url(url, allowlist, headers))
+
+
+async def _final_url(url: str, allowlist: Allowlist, headers: Sequence[tuple[str, str]]) -> str:
+    # An overall deadline, not per-read timeouts: a host dripping a byte every few
+    # seconds kept the old probe (and the thread running it) for as long as it liked.
+    try:
+        async with asyncio.timeout(PROBE_SECONDS):
+            return await _follow(url, allowlist, headers)
+    except TimeoutError:
+        raise UrlUnreachable(f"{url} did not answer within {PROBE_SECONDS:g} s") from None
+
+
+async def _follow(url: str, allowlist: Allowlist, headers: Sequence[tuple[str, str]]) -> str:
+    async with httpx.AsyncClient(
+        timeout=PROBE_SECONDS, follow_redirects=False, headers=list(headers)
+    ) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, allowlist)
+            await asyncio.to_thread(check_url, url, allowlist)
             try:
-                response = client.get(url, headers={"Range": "bytes=0-0"})
+                # Streamed and never read: the status and headers are all the probe needs,
+                # so an endless body costs nothing (closing drops the connection).
+                request = client.build_request("GET", url, headers={"Range": "bytes=0-0"})
+                response = await client.send(request, stream=True)
+                await response.aclose()
             except httpx.HTTPError as exc:
                 raise UrlUnreachable(f"{url} did not answer: {exc}") from exc
             if response.is_redirect and "location" in response.headers:

@@ -34,6 +34,8 @@ BURST_SETTINGS = {
     "max_active_per_key": "100000",
     "max_workers": "100000",
     "dedup": "false",
+    "max_submit_priority": "100",  # tests order their jobs with it
+    "metrics_cache_seconds": "0",  # tests scrape right after changing the board
 }
 
 

@@ -47,6 +47,12 @@ BYTES_PER_SAMPLE = 4  # float32
 # ffmpeg demuxer names (from "Input #0, <names>, from") whose audio timestamps
 # are exact sample counts, so the seek path above is exact for them.
 SEEKABLE_FORMATS = frozenset({"wav", "w64", "flac", "ogg", "mp3", "mov", "mp4", "m4a", "aac"})
+# The only demuxers ffmpeg may pick: audio and video containers that read one file and
+# open nothing else. Not hls, dash, concat, image2, tee, sdp/rtsp, ... (they name URLs).
+SAFE_DEMUXERS = (
+    "wav,w64,flac,ogg,mp3,mov,aac,matroska,avi,flv,mpegts,asf,aiff,caf,amr,ac3,eac3,dts,"
+    "wv,ape,tta,au,mpeg,mxf,rm,voc,truehd,mlp,loas,gsm,g722,dsf,mpc,mpc8,shorten,xwma"
+)
 # Seconds decoded before the cut point when seeking: decoder and resampler warm-up.
 SEEK_PREROLL_SECONDS = 1
 _NETWORK_TIMEOUT_US = 30_000_000
@@ -183,10 +189,22 @@ def _audio_input(source: str) -> ffmpeg.nodes.FilterableStream:
 
 
 def _input_options(source: str) -> dict[str, object]:
+    """What ffmpeg may open for this source: only the source itself (issue 13).
+
+    The demuxers are single-file containers: playlists and scripts (hls, dash, concat,
+    ...) name further URLs, which ffmpeg would fetch with no guard between (an HLS
+    playlist whose segment is 169.254.169.254). The protocols are the source's own,
+    inherited by anything nested. Over HTTP, ffmpeg follows no redirect: the guard
+    (server/urlguard.py) followed and checked them already, so one appearing later (a
+    host answering the probe with media, then with a redirect) is refused."""
+    options: dict[str, object] = {"format_whitelist": SAFE_DEMUXERS}
     if not is_url(source):
-        return {}
+        return {**options, "protocol_whitelist": "file"}
     # ffmpeg reads URLs itself (range requests when seeking); survive short drops.
     return {
+        **options,
+        "protocol_whitelist": "http,https,tcp,tls",
+        "max_redirects": 0,
         "rw_timeout": _NETWORK_TIMEOUT_US,
         "reconnect": 1,
         "reconnect_on_network_error": 1,
@@ -284,6 +302,13 @@ _PERMANENT_REASONS = (
         "moov atom not found",
         "the file is incomplete (the MP4 index is missing, often a truncated upload or "
         "an unfinished recording); upload the complete file",
+    ),
+    (
+        # SAFE_DEMUXERS refused it: a playlist, a manifest or a script naming other URLs.
+        "Format not on whitelist",
+        "the source has no audio track this farm reads: it is an image, a playlist or "
+        "another format that is not one audio or video file (HLS, DASH and concat scripts "
+        "name other URLs, which are not fetched); submit the audio or video file itself",
     ),
     (
         "Invalid data found when processing input",

@@ -104,8 +104,10 @@ class BoardClient:
         data = await self._post("/v1/jobs/claim", body, read_timeout=wait_seconds + 30)
         return ClaimResponse.model_validate(data).jobs
 
-    async def cached_chunks(self, keys: list[str]) -> dict[str, CachedChunk]:
-        data = await self._post("/v1/chunk-cache/lookup", {"keys": keys})
+    async def cached_chunks(self, keys: list[str], job_ids: list[UUID]) -> dict[str, CachedChunk]:
+        """Hits for keys[i] among what the owner of job_ids[i] stored (the cache is per owner)."""
+        body = {"keys": keys, "job_ids": [str(job) for job in job_ids]}
+        data = await self._post("/v1/chunk-cache/lookup", body)
         return CacheHits.model_validate(data).results
 
     async def heartbeat(self, job: ClaimedJob) -> None:

@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from uuid import UUID
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class Worker:
                 continue
             item = self._engine_input(job, audio, job.chunk)
             inputs.append((job, item, cache_key(item, self.engine)))
-        cached = await self._cached([key for _, _, key in inputs])
+        cached = await self._cached([key for _, _, key in inputs], [j.id for j, _, _ in inputs])
         for job, _, key in inputs:
             if key in cached:
                 await self._finish(job, reuse(job, cached[key], key))
@@ -228,11 +229,11 @@ class Worker:
         except urlguard.UrlUnreachable as exc:
             raise MediaError(f"the source URL is unreachable: {exc}", permanent=False) from exc
 
-    async def _cached(self, keys: list[str]) -> dict[str, CachedChunk]:
+    async def _cached(self, keys: list[str], job_ids: list[UUID]) -> dict[str, CachedChunk]:
         if not keys:
             return {}
         try:
-            return await self.client.cached_chunks(keys)
+            return await self.client.cached_chunks(keys, job_ids)
         except BoardError as exc:  # the cache only saves time: go on without it
             log.warning("chunk cache unavailable: %s", exc)
             return {}

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from server import transcripts
 from server.api.transcriptions import submit_upload
-from server.auth import Caller, allow
+from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
 from server.errors import TEXT_REFUSED, ApiError, describe_validation, error_responses, text_refused
 from server.notifications import Notifications
 from server.protocol import TranscriptionOptions
@@ -202,7 +202,8 @@ async def wait_until_finished(request: Request, transcription_id: UUID, caller: 
                 woken = asyncio.ensure_future(event.wait())
                 await asyncio.wait(
                     {woken, hung_up},
-                    timeout=min(remaining, poll),
+                    # In slices, so a revoked key's wait ends within 5 s.
+                    timeout=min(remaining, poll, WAIT_RECHECK_SECONDS),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 woken.cancel()
@@ -212,6 +213,9 @@ async def wait_until_finished(request: Request, transcription_id: UUID, caller: 
                         transcription_id,
                     )
                     return None
+                if not await state.keys.active(state.board, caller.key_id):
+                    gone = key_gone()
+                    raise OpenAIError(gone.status, gone.code, gone.message, headers=gone.headers)
     finally:
         hung_up.cancel()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -109,6 +110,7 @@ async def submit_upload(
             raise ApiError(422, "empty_file", "the uploaded file is empty")
         options = (read_options or parse_options)(upload)
         await check_options(request, options)
+        check_priority(request, caller, options)
         model = options.model or state.settings.default_model
         await state.board.submit(
             owner=caller.key_id,
@@ -139,8 +141,10 @@ async def submit_url(
         await state.board.check_limits(caller.key_id)
     source = await (read_source or json_source)(request)
     await check_options(request, source)
+    check_priority(request, caller, source)
     url = str(source.url)
-    await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
+    with state.probes.probe(caller.key_id) if limited else contextlib.nullcontext():
+        await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
     options = TranscriptionOptions.model_validate(source.model_dump(exclude={"url"}))
     transcription_id = uuid4()
     await state.board.submit(
@@ -191,6 +195,19 @@ async def check_options(request: Request, options: TranscriptionOptions) -> None
     if options.webhook_url is not None:
         await guarded(
             urlguard.check_url, str(options.webhook_url), settings.allowlist, "webhook_url"
+        )
+
+
+def check_priority(request: Request, caller: Caller, options: TranscriptionOptions) -> None:
+    """Priority decides whose work runs first: past the board's maximum only the
+    operator (an admin key) may ask for it."""
+    highest = request.app.state.settings.max_submit_priority
+    if options.priority > highest and caller.role != "admin":
+        raise ApiError(
+            403,
+            "priority_not_allowed",
+            f"priority {options.priority} needs an admin key; this key may ask for at most "
+            f"{highest} (SCRIBEFARM_MAX_SUBMIT_PRIORITY)",
         )
 
 

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Request
 
-from server.auth import Caller, allow
+from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
 from server.errors import ApiError, error_responses
 from server.protocol import (
     PROTOCOL_HEADER,
@@ -114,11 +114,15 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
         hung_up = asyncio.ensure_future(request.receive())
         try:
             while not rows and (remaining := deadline - loop.time()) > 0:
-                rung = asyncio.ensure_future(state.doorbell.wait(remaining))
+                # In slices, so a revoked key's long poll ends within 5 s.
+                slice_ = min(remaining, WAIT_RECHECK_SECONDS)
+                rung = asyncio.ensure_future(state.doorbell.wait(slice_))
                 await asyncio.wait({rung, hung_up}, return_when=asyncio.FIRST_COMPLETED)
                 if hung_up.done():
                     rung.cancel()
                     return ClaimResponse(jobs=[])
+                if not await state.keys.active(state.board, caller.key_id):
+                    raise key_gone()
                 if rung.result():  # the database is asked again only when rung
                     rows = await claim_now()
         finally:
@@ -164,7 +168,8 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
 async def cache_lookup(request: Request, body: CacheLookup, caller: WorkerKey) -> CacheHits:
     """Earlier results for chunks with the same audio, model and options: the worker
     reuses them instead of running the model."""
-    return CacheHits(results=await request.app.state.board.cached_chunks(body.keys))
+    board = request.app.state.board
+    return CacheHits(results=await board.cached_chunks(body.keys, body.job_ids, caller.key_id))
 
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=LeaseResponse, responses=LEASE_ERRORS)

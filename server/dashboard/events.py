@@ -13,7 +13,9 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
+from uuid import UUID
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -23,6 +25,10 @@ from server.dashboard.screens import SCREENS, Screen, render_fragments
 from server.dashboard.session import SignInRequired, Viewer
 from server.errors import ApiError
 
+# Each open stream runs its page's query every tick: one session (or one key, through
+# many sessions) opening streams without end would load the board at will.
+MAX_STREAMS_PER_SESSION = 8  # a person's open tabs
+MAX_STREAMS_PER_KEY = 32
 KEEPALIVE_SECONDS = 15.0  # a comment now and then keeps proxies from closing the stream
 RECONNECT_MILLISECONDS = 3000
 
@@ -36,11 +42,62 @@ async def events(request: Request, name: str, viewer: CurrentViewer) -> Streamin
         raise ApiError(404, "not_found", f"no page {name!r}")
     if screen.admin_only and not viewer.is_admin:
         raise ApiError(403, "forbidden", "this page is for admin keys")
+    counter = open_streams(request)
+    counter.open(viewer)
     return StreamingResponse(
-        stream(request, viewer, screen, request.query_params),
+        counted(stream(request, viewer, screen, request.query_params), counter, viewer),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+class OpenStreams:
+    """Live streams open in this server process, by session and by key."""
+
+    def __init__(self) -> None:
+        self.sessions: Counter[str] = Counter()
+        self.keys: Counter[UUID] = Counter()
+
+    def open(self, viewer: Viewer) -> None:
+        session, key = viewer.session.nonce, viewer.key_id
+        if (
+            self.sessions[session] >= MAX_STREAMS_PER_SESSION
+            or self.keys[key] >= MAX_STREAMS_PER_KEY
+        ):
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"this session has {self.sessions[session]} live pages open (at most "
+                f"{MAX_STREAMS_PER_SESSION}; {MAX_STREAMS_PER_KEY} for one key): close some "
+                "tabs, then reload",
+                {"Retry-After": "10"},
+            )
+        self.sessions[session] += 1
+        self.keys[key] += 1
+
+    def close(self, viewer: Viewer) -> None:
+        self.sessions[viewer.session.nonce] -= 1
+        self.keys[viewer.key_id] -= 1
+        self.sessions += Counter()  # drops the zeros
+        self.keys += Counter()
+
+
+def open_streams(request: Request) -> OpenStreams:
+    state = request.app.state
+    if not hasattr(state, "open_streams"):
+        state.open_streams = OpenStreams()
+    return state.open_streams
+
+
+async def counted(
+    events: AsyncIterator[str], counter: OpenStreams, viewer: Viewer
+) -> AsyncIterator[str]:
+    """The stream's events; it stops counting when the stream ends, however it ends."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        counter.close(viewer)
 
 
 async def stream(

@@ -24,6 +24,7 @@ from server.dashboard.session import (
     check_csrf,
     current_viewer,
     set_cookie,
+    small_form,
 )
 from server.errors import ApiError
 from server.protocol import TranscriptFormat
@@ -117,7 +118,7 @@ async def sign_in(request: Request) -> Response:
     state = request.app.state
     session = state.dashboard.signer.decode(request.cookies.get(COOKIE)) or Session.new()
     await check_csrf(request, session)
-    form = await request.form()
+    form = await small_form(request)
     key = str(form.get("key", "")).strip()
     caller = await state.keys.lookup(state.board, key) if key else None
     problem = None
@@ -168,7 +169,7 @@ async def upload(request: Request, viewer: CurrentViewer) -> Response:
 
 
 async def form_source(request: Request) -> api.UrlSource:
-    form = await request.form()
+    form = await small_form(request)
     return api.parse_source({k: v for k, v in form.items() if k != CSRF_FIELD and v != ""})
 
 
@@ -183,14 +184,14 @@ async def submit_url(request: Request, viewer: CurrentViewer) -> Response:
 async def cancel(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
     await request.app.state.board.cancel(transcription_id, viewer.owner_filter)
-    return RedirectResponse(safe_next((await request.form()).get("next")), 303)
+    return RedirectResponse(safe_next((await small_form(request)).get("next")), 303)
 
 
 @router.post("/transcriptions/{transcription_id}/retry")
 async def retry(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
     await request.app.state.board.retry_transcription(transcription_id, viewer.owner_filter)
-    return RedirectResponse(safe_next((await request.form()).get("next")), 303)
+    return RedirectResponse(safe_next((await small_form(request)).get("next")), 303)
 
 
 @router.get("/transcriptions/{transcription_id}/transcript")

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from server.auth import CACHE_SECONDS, Caller
 from server.errors import ApiError
+from server.uploads import MAX_FIELD_BYTES, MAX_FIELDS
 
 COOKIE = "scribefarm_session"
 SESSION_SECONDS = 12 * 3600
@@ -160,12 +161,18 @@ async def current_viewer(request: Request) -> Viewer:
     return Viewer(session.key_id, info.role, info.name, info.prefix, session)
 
 
+def small_form(request: Request):
+    """The dashboard's forms are a few short fields and never files: parse them with
+    caps to match (the whole body is capped before this, by server/bodylimit.py)."""
+    return request.form(max_files=0, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+
+
 async def check_csrf(request: Request, session: Session) -> None:
     """Every form carries the session's CSRF token: in a field, or (scripts) a header."""
     token = request.headers.get(CSRF_HEADER)
     content_type = request.headers.get("content-type", "")
     if token is None and content_type.startswith("application/x-www-form-urlencoded"):
-        token = (await request.form()).get(CSRF_FIELD)
+        token = (await small_form(request)).get(CSRF_FIELD)
     if not request.app.state.dashboard.signer.csrf_valid(session, token):
         raise ApiError(
             403,

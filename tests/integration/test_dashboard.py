@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -163,3 +165,29 @@ def test_requeue_of_a_dead_job_retries_its_transcription(make_server):
         again = admin.http.post(requeue, data={"csrf_token": admin.csrf("/board")})
         assert again.status_code == 409 and "is not dead" in again.text
         worker.close()
+
+
+def test_one_session_may_hold_only_a_few_live_streams(server, keys):
+    """Each live stream runs its page's query every tick (issue 13)."""
+    browser = signed_in(server, keys["submit"])
+    with contextlib.ExitStack() as open_pages:
+        streams = [
+            open_pages.enter_context(browser.events("transcriptions"))
+            for _ in range(dashboard.events.MAX_STREAMS_PER_SESSION)
+        ]
+        assert all(s.status_code == 200 for s in streams)
+        with browser.events("transcriptions") as one_more:
+            assert one_more.status_code == 429
+        other = signed_in(server, keys["admin"])  # another session is not held back
+        with other.events("transcriptions") as theirs:
+            assert theirs.status_code == 200
+        streams[0].close()  # a tab closed: its place is free once the server sees it go
+
+        def reopened() -> bool:
+            with browser.events("transcriptions") as again:
+                return again.status_code == 200
+
+        deadline = time.monotonic() + 15
+        while not reopened():
+            assert time.monotonic() < deadline, "a closed stream still counts"
+            time.sleep(0.5)

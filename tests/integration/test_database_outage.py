@@ -41,7 +41,11 @@ def test_requests_answer_503_while_the_database_is_down_and_succeed_after(
             assert_database_down(client.get("/v1/transcriptions"))
             assert_database_down(client.post("/v1/transcriptions", files={"file": b"RIFF"}))
             assert_database_down(worker.http.post("/v1/jobs/claim", json={"worker_id": worker.id}))
-            assert client.get("/readyz").status_code == 503
+            ready = client.get("/readyz")  # no key needed: says nothing of the database
+            assert ready.status_code == 503
+            assert ready.json()["message"] == (
+                "the board's database is unreachable; see the server's log"
+            )
             assert client.get("/healthz").status_code == 200  # the process itself is fine
 
             def served() -> bool:  # 503 until the pool reconnects, never anything else

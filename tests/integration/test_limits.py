@@ -123,3 +123,40 @@ def test_keys_never_reach_the_logs(server):
     log = server.log_path.read_text()
     assert log  # the server did log these requests' outcomes somewhere
     assert [key for key in (*keys.values(), wrong) if key in log] == []
+
+
+def test_revoking_a_key_ends_its_long_polls_and_openai_waits_within_5_s(make_server):
+    """Requests that wait (a worker's long poll, an OpenAI request waiting for its
+    transcript) checked their key only when they began (issue 13)."""
+    server = make_server(openai_wait_seconds=120)
+    worker_key, submit_key = server.create_key("worker"), server.create_key("submit")
+    # Transcribe jobs only: the OpenAI request's chunk job must not end the long poll.
+    worker = ProtocolWorker(server, worker_key, kinds=["transcribe"])
+    body = {"worker_id": worker.id, "max_jobs": 1, "wait_seconds": 50}
+
+    def long_poll():
+        with server.client(worker_key, timeout=90) as client:
+            return client.post("/v1/jobs/claim", json=body), time.monotonic()
+
+    def openai_wait():
+        with server.client(submit_key, timeout=150) as client:
+            files = {"file": ("a.wav", b"RIFF" + b"\0" * 100)}
+            response = client.post(
+                "/v1/audio/transcriptions", files=files, data={"model": "whisper-1"}
+            )
+            return response, time.monotonic()
+
+    with ThreadPoolExecutor(2) as pool:
+        polling, waiting = pool.submit(long_poll), pool.submit(openai_wait)
+        time.sleep(3)  # both are waiting by now (nothing runs the transcription)
+        early = [f.result()[0].text for f in (polling, waiting) if f.done()]
+        assert early == [], early
+        for key in (worker_key, submit_key):
+            assert "revoked" in server.cli("keys", "revoke", key[:10])
+        revoked = time.monotonic()
+        for future in (polling, waiting):
+            response, ended = future.result(timeout=30)
+            assert response.status_code == 401, response.text
+            assert response.json()["code"] == "invalid_key"
+            assert ended - revoked <= 5.0, f"ended {ended - revoked:.1f} s after the revocation"
+    worker.close()

@@ -3,6 +3,7 @@ would read it; /healthz and /readyz; the queue statements of the autoscaler and 
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -136,3 +137,30 @@ def test_the_autoscaler_and_keda_queries_read_the_queue(postgres_url):
     # large-v3 one only for large-v3 workers.
     [state] = sql(url, board.AUTOSCALER_QUEUE, 600.0, "large-v3")
     assert (state["queued_jobs"], state["queued_audio_seconds"]) == (2, 100)
+
+
+def test_scrapes_share_one_board_query_for_a_few_seconds(make_server):
+    """/metrics needs no key: each scrape running the board's heaviest statement would
+    let anyone load the database at will (issue 13)."""
+    server = make_server(metrics_cache_seconds=3)
+    with server.client(server.create_key("submit")) as client:
+        submit(client, b"a first one")  # (a state with no jobs has no sample)
+        time.sleep(3.2)
+        before = sample(scrape(server), "scribefarm_jobs", kind="chunk", state="queued")
+        submit(client, b"one more")
+        assert sample(scrape(server), "scribefarm_jobs", kind="chunk", state="queued") == before
+        time.sleep(3.2)
+        after = sample(scrape(server), "scribefarm_jobs", kind="chunk", state="queued")
+        assert after == before + 1
+
+
+def test_metrics_can_be_put_behind_a_token(make_server):
+    server = make_server(metrics_token="scrape-secret")
+    with server.client(None) as anonymous:
+        refused = anonymous.get("/metrics")
+        assert refused.status_code == 401
+        assert "SCRIBEFARM_METRICS_TOKEN" in refused.json()["message"]
+        wrong = anonymous.get("/metrics", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+        allowed = anonymous.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert allowed.status_code == 200 and "scribefarm_jobs" in allowed.text
