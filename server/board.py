@@ -92,10 +92,15 @@ WHERE j.id = $1
 FOR UPDATE OF t
 """
 
-# Primary key lookup; fenced on the lease.
+# Primary key lookup; fenced on the lease. The lease is not extended past the job's
+# wall-clock deadline (leased_at + SCRIBEFARM_MAX_JOB_SECONDS), and past it the heartbeat
+# is refused (409): the lease expires, and the job is retried elsewhere or, out of
+# attempts, dead.
 HEARTBEAT = """
-UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
+UPDATE jobs SET lease_expires_at = least(now() + make_interval(secs => $3),
+                                         leased_at + make_interval(secs => $4))
 WHERE id = $1 AND lease_id = $2 AND state = 'leased'
+  AND leased_at + make_interval(secs => $4) > now()
 RETURNING lease_expires_at
 """
 
@@ -885,7 +890,8 @@ class Board:
         return await self.pool.fetchval(COUNT_CLAIMABLE, cap)
 
     async def heartbeat(self, job_id: UUID, lease_id: UUID, lease_seconds: float) -> datetime:
-        expires = await self.pool.fetchval(HEARTBEAT, job_id, lease_id, lease_seconds)
+        deadline = self.settings.max_job_seconds  # never extended past it: see HEARTBEAT
+        expires = await self.pool.fetchval(HEARTBEAT, job_id, lease_id, lease_seconds, deadline)
         if expires is None:
             await self._raise_fenced(self.pool, job_id, lease_id)
         return expires

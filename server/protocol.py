@@ -227,6 +227,12 @@ class ClaimedJob(BaseModel):
     chunk: ChunkSpan | None = Field(default=None, description="A transcribe job's range.")
     chunk_target_seconds: float = Field(description="A chunk job plans chunks near this long.")
     chunk_max_seconds: float = Field(description="...and never longer than this.")
+    max_audio_seconds: float | None = Field(
+        default=None, description="A chunk job fails a source longer than this, while reading."
+    )
+    max_job_seconds: float | None = Field(
+        default=None, description="The job's wall-clock budget: its lease ends by then."
+    )
 
 
 class ClaimResponse(BaseModel):

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     worker_gone_seconds: float = Field(default=120.0, ge=2)
 
     lease_seconds: float = 30.0
+    # A job's wall-clock deadline from its claim: heartbeats do not extend a lease past it
+    # (a worker stuck on a live stream or a hang cannot hold a job for ever).
+    max_job_seconds: float = Field(default=3600.0, gt=0)
     max_attempts: int = 5
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 600.0

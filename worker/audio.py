@@ -145,9 +145,11 @@ class Probe:
     container: frozenset[str]  # demuxer names, e.g. {"mov", "mp4", "m4a", ...}
     sample_rate: int  # of the first audio stream, as decoded
     first_pts: int  # pts of its first decoded frame, in 1/sample_rate units
+    declared_seconds: float | None = None  # the container's own Duration, if it has one
 
 
 _INPUT_RE = re.compile(r"Input #0, ([^ ]+), from")
+_DURATION_RE = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 _FRAME_RE = re.compile(r"n:0 pts:(-?\d+) .*? rate:(\d+)")
 
 
@@ -167,7 +169,12 @@ def probe_source(source: str) -> Probe:
         raise _classify(source, proc.stderr)
     if not frame:
         raise _cut_short(source, proc.stderr) or _zero_length()
-    return Probe(frozenset(names[1].split(",")), int(frame[2]), int(frame[1]))
+    duration = _DURATION_RE.search(proc.stderr)
+    declared = None
+    if duration:
+        hours, minutes, seconds = duration.groups()
+        declared = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return Probe(frozenset(names[1].split(",")), int(frame[2]), int(frame[1]), declared)
 
 
 def _seeking_input(source: str, probe: Probe, seek: int) -> ffmpeg.nodes.FilterableStream:

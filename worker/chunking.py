@@ -15,10 +15,12 @@ full duration.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 
 from server.protocol import ChunkPlan, ChunkSpan
-from worker.audio import SAMPLE_RATE, stream_audio
+from worker.audio import SAMPLE_RATE, MediaError, probe_source, stream_audio
 from worker.vad import Span, SpeechProbabilities, pack_windows, speech_spans
 
 
@@ -52,15 +54,45 @@ def _chunk_span(index: int, spans: list[Span]) -> ChunkSpan:
     return ChunkSpan(index=index, start=seconds[0][0], end=seconds[-1][1], speech=seconds)
 
 
-def plan_source(source: str, target_seconds: float, max_seconds: float) -> ChunkPlan:
+def plan_source(
+    source: str,
+    target_seconds: float,
+    max_seconds: float,
+    *,
+    max_audio_seconds: float = math.inf,
+    deadline: float = math.inf,
+) -> ChunkPlan:
     """Decode the source (streamed), find its speech and plan its chunks.
 
-    Raises MediaError when the source cannot be read or has no audio.
+    Raises MediaError when the source cannot be read or has no audio, when it is (or
+    declares itself) longer than ``max_audio_seconds``, and when reading it is still
+    going at ``deadline`` (``time.monotonic()``; a live stream never ends).
     """
+    declared = probe_source(source).declared_seconds
+    if declared is not None and declared > max_audio_seconds:
+        raise _too_long(f"declares {declared / 3600:.2f} h", max_audio_seconds)
     probabilities = SpeechProbabilities()
     for block in stream_audio(source):
         probabilities.feed(block)
+        if probabilities.samples > max_audio_seconds * SAMPLE_RATE:
+            raise _too_long("goes on past it", max_audio_seconds)
+        if time.monotonic() > deadline:
+            raise MediaError(
+                "reading the source did not finish within the job's time limit "
+                "(SCRIBEFARM_MAX_JOB_SECONDS); a live stream cannot be transcribed: "
+                "submit a recording",
+                permanent=True,
+            )
     samples = probabilities.samples
     spans = speech_spans(probabilities.finish(), samples) if samples else []
     chunks = plan_chunks(spans, target_seconds, max_seconds)
     return ChunkPlan(duration_seconds=samples / SAMPLE_RATE, chunks=chunks)
+
+
+def _too_long(how: str, limit: float) -> MediaError:
+    """Found before (or while) the audio is decoded, not after hours of it."""
+    return MediaError(
+        f"the audio is too long: the limit is {limit / 3600:.2f} h "
+        f"(SCRIBEFARM_MAX_AUDIO_SECONDS) and the source {how}. Split the recording.",
+        permanent=True,
+    )

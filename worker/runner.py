@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -174,7 +175,12 @@ class Worker:
         try:
             source = await self._source(job)
             plan = await asyncio.to_thread(
-                plan_source, source, job.chunk_target_seconds, job.chunk_max_seconds
+                plan_source,
+                source,
+                job.chunk_target_seconds,
+                job.chunk_max_seconds,
+                max_audio_seconds=job.max_audio_seconds or math.inf,
+                deadline=time.monotonic() + (job.max_job_seconds or math.inf),
             )
             if self._detects_language_once(job) and plan.chunks:
                 plan.language = await asyncio.to_thread(self._first_language, job, source, plan)

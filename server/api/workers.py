@@ -161,6 +161,8 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
         chunk=chunk,
         chunk_target_seconds=options.target_chunk_seconds or state.settings.default_chunk_seconds,
         chunk_max_seconds=state.settings.max_chunk_seconds,
+        max_audio_seconds=state.settings.max_audio_seconds,
+        max_job_seconds=state.settings.max_job_seconds,
     )
 
 

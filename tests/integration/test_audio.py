@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -234,3 +235,40 @@ def test_missing_object_over_http_is_not_permanent(media):
     with serve_directory(media.directory) as base, pytest.raises(MediaError) as caught:
         read_range(f"{base}/no-such-file.mp3", 0.0, 1.0)
     assert caught.value.permanent is False
+
+
+def mkv_declaring(media: MediaFactory, tmp: Path, hours: float) -> Path:
+    """A few seconds of speech in Matroska whose header declares ``hours`` of it."""
+    out = tmp / f"declares-{hours:g}h.mkv"
+    speech = media.speech("A short recording that claims to be very long.")
+    cmd = [ffmpeg_binary(), "-nostdin", "-loglevel", "error", "-y", "-i", str(speech)]
+    subprocess.run([*cmd, "-c:a", "libopus", str(out)], check=True)
+    data = bytearray(out.read_bytes())
+    at = data.find(b"\x44\x89\x88")  # the Segment's Duration: an 8-byte float, in ms
+    data[at + 3 : at + 11] = struct.pack(">d", hours * 3600 * 1000)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_source_declaring_100000_hours_fails_at_once_naming_the_limit(media, tmp_path):
+    source = mkv_declaring(media, tmp_path, 100_000)
+    started = time.monotonic()
+    with pytest.raises(MediaError) as refused:
+        plan_source(str(source), 60, 120, max_audio_seconds=24 * 3600)
+    assert time.monotonic() - started < 10
+    assert refused.value.permanent
+    assert "SCRIBEFARM_MAX_AUDIO_SECONDS" in refused.value.reason
+    assert "declares 100000.00 h" in refused.value.reason
+
+
+def test_decoding_stops_past_the_limit_and_at_the_deadline(media, tmp_path):
+    # Declares a second, goes on for longer: the stream itself is measured.
+    source = str(mkv_declaring(media, tmp_path, 1 / 3600))
+    with pytest.raises(MediaError) as refused:
+        plan_source(source, 60, 120, max_audio_seconds=1.5)
+    assert "SCRIBEFARM_MAX_AUDIO_SECONDS" in refused.value.reason
+    assert "goes on past it" in refused.value.reason
+    with pytest.raises(MediaError) as late:
+        plan_source(source, 60, 120, deadline=time.monotonic() - 1)  # a live stream's fate
+    assert late.value.permanent and "SCRIBEFARM_MAX_JOB_SECONDS" in late.value.reason
+    assert plan_source(source, 60, 120, max_audio_seconds=60).chunks  # within both: planned

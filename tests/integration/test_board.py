@@ -15,12 +15,14 @@ import pytest
 from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit
 
 LEASE = 1.0
+MAX_JOB = 3.0  # a job's wall-clock deadline
 
 
 @pytest.fixture(scope="module")
 def server(make_server):
     return make_server(
         lease_seconds=LEASE,
+        max_job_seconds=MAX_JOB,
         retry_base_seconds=0.3,
         retry_max_seconds=2,
         max_attempts=3,
@@ -96,6 +98,22 @@ def test_heartbeat_extends_the_lease(server, submitter, worker):
     # Kept alive past several lease lengths: nobody else can take it.
     assert worker.claim() == []
     assert worker.complete(job, chunk_plan(1)).status_code == 200
+
+
+# leased -> leased (the deadline ends the lease however often it is renewed)
+def test_heartbeats_do_not_extend_a_lease_past_the_jobs_deadline(server, submitter, worker):
+    submit(submitter, b"x")
+    [job] = worker.claim()
+    began = time.monotonic()
+    while time.monotonic() - began < MAX_JOB + LEASE:
+        response = worker.heartbeat(job)  # a hung worker that still beats
+        if response.status_code != 200:
+            break
+        time.sleep(LEASE / 4)
+    assert response.status_code == 409 and response.json()["code"] == "lease_lost"
+    assert MAX_JOB - LEASE / 4 <= time.monotonic() - began
+    [again] = worker.claim()  # taken over: another attempt, elsewhere
+    assert again["id"] == job["id"] and again["attempt"] == 2
 
 
 # leased -> leased (expired lease taken over by another worker); fencing
