@@ -750,8 +750,12 @@ def check_round(
                 f"{name}: audio_seconds_done {row['audio_seconds_done']} but its chunks "
                 f"sum to {audio}"
             )
-        if transcribe and abs(transcribe[-1]["end_seconds"] - row["duration_seconds"]) > 0.05:
-            problems.append(f"{name}: chunks end at {transcribe[-1]['end_seconds']}")
+        # Chunks run from speech to speech (worker/chunking.py): in order, apart, and
+        # inside the source.
+        bounds = [(j["start_seconds"], j["end_seconds"]) for j in transcribe]
+        edges = [t for bound in bounds for t in bound]
+        if edges != sorted(edges) or (edges and edges[-1] > row["duration_seconds"] + 1e-6):
+            problems.append(f"{name}: chunks {bounds} in {row['duration_seconds']} s")
         cached = [j["seq"] for j in transcribe if j["cached"]]
         report.cached_jobs += len(cached)
         # Files share no audio, so only a twin of the same file (a submission whose
