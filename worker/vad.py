@@ -32,7 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 from faster_whisper.vad import VadOptions, get_vad_model
 
-SAMPLE_RATE = 16_000
+from worker.audio import SAMPLE_RATE
+
 FRAME = 512  # samples per probability
 _CONTEXT = 64  # samples of the previous frame the model sees with each frame
 # Frames per model call, the state carried from call to call. The pipeline calls it with
@@ -200,12 +201,11 @@ def pack_windows(
     for span in spans:
         length = span[1] - span[0]
         too_much = speech + length > max_speech * SAMPLE_RATE
-        too_wide = bool(current) and span[1] - current[0][0] > max_extent * SAMPLE_RATE
-        if too_much or too_wide:
+        if current and (too_much or span[1] - current[0][0] > max_extent * SAMPLE_RATE):
             windows.append(current)
             current, speech = [], 0
         current.append(span)
         speech += length
     if current:
         windows.append(current)
-    return [w for w in windows if w]
+    return windows

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker.audio import SAMPLE_RATE
 from worker.chunking import plan_chunks
-from worker.vad import SAMPLE_RATE, pack_windows
+from worker.vad import pack_windows
 
 SR = SAMPLE_RATE
 

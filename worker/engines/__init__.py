@@ -58,8 +58,8 @@ class Engine(Protocol):
         """Transcribe several chunks together; one output per input, in order."""
         ...
 
-    def detect_language(self, audio: np.ndarray) -> tuple[str, float] | None:
-        """The language of the first 30 s of speech in ``audio`` with its probability;
+    def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
+        """The language of the first 30 s of the item's speech with its probability;
         None when there is no speech, or the model is English-only."""
         ...
 

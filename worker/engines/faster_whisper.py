@@ -82,9 +82,10 @@ class _Chunk:
     rows: list[list[dict]] = field(default_factory=list)  # decoded windows, in order
     last_speech: float = 0.0  # word-timing state carried from window to window
 
-    def decoding(self) -> tuple[str, str | None, str | None]:
-        """What must be equal for windows to share a model call."""
-        return self.language or "en", self.item.prompt, self.item.hotwords
+    def decoding(self) -> tuple[str, str, str]:
+        """What must be equal for windows to share a model call (language, prompt,
+        hotwords)."""
+        return self.language or "en", self.item.prompt or "", self.item.hotwords or ""
 
 
 class _Alignments:
@@ -123,8 +124,7 @@ class FasterWhisperEngine:
         windows = [(c, w) for c in chunks for w in range(len(c.features))]
 
         def key(window: tuple[_Chunk, int]) -> tuple[str, str, str]:
-            language, prompt, hotwords = window[0].decoding()
-            return language, prompt or "", hotwords or ""
+            return window[0].decoding()
 
         for _, group in itertools.groupby(sorted(windows, key=key), key=key):
             group_list = list(group)  # sorted() is stable: windows stay in chunk order
