@@ -294,7 +294,7 @@ RETRY_TRANSCRIPTION = """
 WITH retried AS (
     UPDATE transcriptions
     SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END,
-        error = NULL, finished_at = NULL
+        error = NULL, finished_at = NULL, retried_at = now()
     WHERE id = $1 AND state IN ('failed', 'canceled')
     RETURNING id
 ), requeued AS (
@@ -397,15 +397,18 @@ SERVED_MODELS = "SELECT DISTINCT unnest(models) AS model FROM workers ORDER BY 1
 LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext($1::text))"
 
 # A key's active transcriptions (ix_transcriptions_active) and its submissions in the
-# last minute (ix_transcriptions_owner_created), with when the oldest of those leaves
-# the minute.
+# last minute, retries included (ix_transcriptions_owner_created, ix_transcriptions_retried),
+# with when the oldest of those leaves the minute.
 KEY_USAGE = """
 SELECT (SELECT count(*) FROM transcriptions
         WHERE api_key_id = $1 AND state IN ('queued', 'running')) AS active,
        count(*) AS last_minute,
-       extract(epoch FROM min(created_at) + interval '1 minute' - now()) AS window_left
-FROM transcriptions
-WHERE api_key_id = $1 AND created_at > now() - interval '1 minute'
+       extract(epoch FROM min(submitted) + interval '1 minute' - now()) AS window_left
+FROM (SELECT created_at FROM transcriptions
+      WHERE api_key_id = $1 AND created_at > now() - interval '1 minute'
+      UNION ALL
+      SELECT retried_at FROM transcriptions
+      WHERE api_key_id = $1 AND retried_at > now() - interval '1 minute') AS recent(submitted)
 """
 
 # key_hash is unique (its index): one lookup per uncached key.

@@ -78,6 +78,13 @@ class Transcription(SQLModel, table=True):
             "api_key_id",
             postgresql_where=text("state IN ('queued', 'running')"),
         ),
+        # The per-minute limit counts retries too.
+        Index(
+            "ix_transcriptions_retried",
+            "api_key_id",
+            "retried_at",
+            postgresql_where=text("retried_at IS NOT NULL"),
+        ),
         # Retention finds finished transcriptions by age.
         Index(
             "ix_transcriptions_finished",
@@ -117,6 +124,8 @@ class Transcription(SQLModel, table=True):
     created_at: datetime = timestamp(nullable=False, default_now=True)
     started_at: datetime | None = timestamp()
     finished_at: datetime | None = timestamp()
+    # A retry is a new submission: the per-minute limit counts its latest one.
+    retried_at: datetime | None = timestamp()
 
 
 class Job(SQLModel, table=True):

@@ -3,7 +3,9 @@ farm's own network: loopback, private, link-local (cloud metadata at 169.254.169
 and other non-global addresses are refused unless an allow-list permits them.
 
 Checked after DNS resolution (every address a name resolves to) and again on every
-redirect. Imports only the standard library and httpx: workers use it too.
+redirect, and pinned: a request goes to the address that was checked (`send_pinned`),
+so a name answering differently a moment later (DNS rebinding) changes nothing.
+Imports only the standard library and httpx: workers use it too.
 """
 
 from __future__ import annotations
@@ -54,21 +56,69 @@ class Allowlist:
         return host in self.hosts or any(address in net for net in self.networks)
 
 
-def check_url(url: str, allowlist: Allowlist) -> None:
-    """Refuses URLs that are not http(s) or whose host resolves to a non-global address."""
+def check_url(url: str, allowlist: Allowlist) -> IpAddress:
+    """Refuses URLs that are not http(s) or whose host resolves to a non-global address;
+    returns the address to connect to (every address the name has was checked)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UrlRefused(f"only http and https URLs are accepted, not {parts.scheme or 'none'!r}")
     host = (parts.hostname or "").lower().rstrip(".")
     if not host:
         raise UrlRefused(f"the URL {url!r} names no host")
-    for address in resolve(host, parts.port or (443 if parts.scheme == "https" else 80)):
+    addresses = resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+    for address in addresses:
         if not is_public(address) and not allowlist.permits(host, address):
             shown = host if host == str(address) else f"{host} ({address})"
             raise UrlRefused(
                 f"{shown} is a {kind_of(address)} address; this farm only fetches public "
                 "addresses. To allow it, add it to SCRIBEFARM_URL_ALLOWLIST."
             )
+    return addresses[0]
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A URL bound to the address the guard approved: connect to `url` (the host
+    replaced by that address), and name the host in the Host header and TLS."""
+
+    url: str
+    host_header: str
+    server_name: str
+
+
+def pin(url: str, allowlist: Allowlist) -> Pinned:
+    """Checks `url` and binds it to the checked address (blocking: DNS)."""
+    address = check_url(url, allowlist)
+    parts = urlsplit(url)
+    literal = f"[{address}]" if address.version == 6 else str(address)
+    userinfo, _, host_port = parts.netloc.rpartition("@")
+    netloc = (f"{userinfo}@" if userinfo else "") + literal
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return Pinned(parts._replace(netloc=netloc).geturl(), host_port, parts.hostname or "")
+
+
+async def send_pinned(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    allowlist: Allowlist,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    content: bytes | None = None,
+) -> httpx.Response:
+    """One request to the address the guard approved, never following a redirect.
+    Streamed: the caller reads or closes the response. TLS still verifies the host's
+    certificate by name (SNI and the check use the name, not the address)."""
+    pinned = await asyncio.to_thread(pin, url, allowlist)
+    request = client.build_request(
+        method,
+        pinned.url,
+        headers=[*headers, ("Host", pinned.host_header)],
+        content=content,
+        extensions={"sni_hostname": pinned.server_name},
+    )
+    return await client.send(request, stream=True, follow_redirects=False)
 
 
 def resolve(host: str, port: int) -> list[IpAddress]:
@@ -110,16 +160,14 @@ async def _final_url(url: str, allowlist: Allowlist, headers: Sequence[tuple[str
 
 
 async def _follow(url: str, allowlist: Allowlist, headers: Sequence[tuple[str, str]]) -> str:
-    async with httpx.AsyncClient(
-        timeout=PROBE_SECONDS, follow_redirects=False, headers=list(headers)
-    ) as client:
+    async with httpx.AsyncClient(timeout=PROBE_SECONDS) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            await asyncio.to_thread(check_url, url, allowlist)
             try:
-                # Streamed and never read: the status and headers are all the probe needs,
-                # so an endless body costs nothing (closing drops the connection).
-                request = client.build_request("GET", url, headers={"Range": "bytes=0-0"})
-                response = await client.send(request, stream=True)
+                # Never read: the status and headers are all the probe needs, so an
+                # endless body costs nothing (closing drops the connection).
+                response = await send_pinned(
+                    client, "GET", url, allowlist, headers=[*headers, ("Range", "bytes=0-0")]
+                )
                 await response.aclose()
             except httpx.HTTPError as exc:
                 raise UrlUnreachable(f"{url} did not answer: {exc}") from exc

@@ -42,7 +42,7 @@ import httpx
 
 from server.notifications import Notifications
 from server.settings import Settings
-from server.urlguard import UrlRefused, UrlUnreachable, check_url
+from server.urlguard import UrlRefused, UrlUnreachable, send_pinned
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,12 @@ class WebhookSender:
 
     async def run(self) -> None:
         try:
+            # No kept-alive connections: requests go to pinned addresses, and a connection
+            # opened (and its certificate checked) for one host must not carry another's.
             async with httpx.AsyncClient(
-                follow_redirects=False,
                 timeout=self.settings.webhook_timeout_seconds,
                 headers={"User-Agent": USER_AGENT},
+                limits=httpx.Limits(max_keepalive_connections=0),
             ) as http:
                 while True:
                     self.wake.clear()  # before looking, so a NOTIFY meanwhile is kept
@@ -243,29 +245,27 @@ class WebhookSender:
             log.info("%s: %s; next at %s", where, outcome.error, recorded["next_attempt_at"])
 
     async def attempt(self, http: httpx.AsyncClient, row: asyncpg.Record) -> Outcome:
-        url = row["url"]
+        body = payload(row)
+        headers = [
+            ("Content-Type", "application/json"),
+            (
+                SIGNATURE_HEADER,
+                signature(self.settings.webhook_signing_secret, body, int(time.time())),
+            ),
+        ]
+        timeout = self.settings.webhook_timeout_seconds
         try:
-            await asyncio.to_thread(check_url, url, self.settings.allowlist)
+            # The whole exchange, DNS included, not each read: a receiver dripping bytes
+            # cannot hold a slot. The answer's body is never read.
+            async with asyncio.timeout(timeout):
+                response = await send_pinned(
+                    http, "POST", row["url"], self.settings.allowlist, headers=headers, content=body
+                )
+                await response.aclose()
         except UrlRefused as exc:
             return Outcome(error=f"refused: {exc}", give_up=True)
         except UrlUnreachable as exc:
             return Outcome(error=str(exc))
-        body = payload(row)
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: signature(
-                self.settings.webhook_signing_secret, body, int(time.time())
-            ),
-        }
-        timeout = self.settings.webhook_timeout_seconds
-        try:
-            # The whole exchange, not each read: a receiver dripping bytes cannot hold
-            # a slot. The answer's body is never read.
-            async with (
-                asyncio.timeout(timeout),
-                http.stream("POST", url, content=body, headers=headers) as response,
-            ):
-                pass
         except (TimeoutError, httpx.TimeoutException):
             return Outcome(
                 error=f"no answer within {timeout:g} s (SCRIBEFARM_WEBHOOK_TIMEOUT_SECONDS)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from server.protocol import (
 from worker.audio import MediaError, read_range, seconds_to_samples
 from worker.chunking import plan_source
 from worker.client import BoardClient, BoardError, LeaseLost
+from worker.egress import Egress
 from worker.engines import Engine, EngineInput, load_engine
 
 log = logging.getLogger("scribefarm.worker")
@@ -111,6 +113,8 @@ class Worker:
         finally:
             heartbeats.cancel()
             await self.client.close()
+            if "egress" in self.__dict__:  # made (cached_property) only if needed
+                self.egress.close()
         log.info("stopped after %d job(s)", self.jobs_done)
         return 0
 
@@ -223,13 +227,18 @@ class Worker:
                 await self._finish(job, reuse(job, cached[key], key))
         await self._run_engine([entry for entry in inputs if entry[2] not in cached])
 
+    @functools.cached_property
+    def egress(self) -> Egress:
+        """Made on the first user URL: most workers read only the farm's own storage."""
+        return Egress(urlguard.Allowlist.parse(self.config.url_allowlist))
+
     async def _source(self, job: ClaimedJob) -> str:
-        """The URL to read: a user's URL only once it and its redirects are checked."""
+        """The URL to read: the farm's storage as given, a user's URL through the egress
+        proxy, once it and its redirects are checked."""
         if not job.source_is_external:
             return job.source_url
-        allowlist = urlguard.Allowlist.parse(self.config.url_allowlist)
         try:
-            return await asyncio.to_thread(urlguard.final_url, job.source_url, allowlist)
+            return await asyncio.to_thread(self.egress.open, job.source_url)
         except urlguard.UrlRefused as exc:
             raise MediaError(f"the source URL is refused: {exc}", permanent=True) from exc
         except urlguard.UrlUnreachable as exc:

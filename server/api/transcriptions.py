@@ -304,7 +304,13 @@ async def cancel(request: Request, transcription_id: UUID, caller: Submitter) ->
     "/{transcription_id}/retry",
     response_model=Transcription,
     responses=error_responses(
-        404, 409, descriptions={409: "Only failed or canceled transcriptions can be retried."}
+        404,
+        409,
+        429,
+        descriptions={
+            409: "Only failed or canceled transcriptions can be retried.",
+            429: "A retry is a new submission: it counts against the key's limits.",
+        },
     ),
 )
 async def retry(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:

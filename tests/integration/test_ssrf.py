@@ -5,8 +5,9 @@ as a public address would be) and a target (127.0.0.2: loopback, refused by the 
 standing for 169.254.169.254 or an internal service). The worker checks the URL with
 the guard, then ffmpeg reads it; the attacker tries to make ffmpeg reach the target:
 redirects after the probe, HLS and DASH playlists, concat scripts and subfile/concat
-URLs, from a URL and from an uploaded file. The target must see 0 connections, and the
-error must not carry what the target would have answered.
+URLs, from a URL and from an uploaded file, and a DNS name that changes its answer
+after the check (rebinding). The target must see 0 connections, and the error must not
+carry what the target would have answered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import ipaddress
 import threading
 import wave
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ import pytest
 
 from server import urlguard
 from worker.audio import MediaError, probe_source, read_range, stream_audio
+from worker.egress import Egress
 
 ALLOW = urlguard.Allowlist.parse(["127.0.0.1/32"])  # the attacker's host only
 SECRET = b"TARGET-SECRET-instance-credentials"
@@ -42,7 +45,7 @@ WAV = wav_bytes()
 
 
 @contextlib.contextmanager
-def http_server(host: str, answer: Callable) -> Iterator[tuple[str, list[str]]]:
+def http_server(host: str, answer: Callable, port: int = 0) -> Iterator[tuple[str, list[str]]]:
     """Serves `answer(handler, request_number)`; yields its base URL and the paths asked."""
     seen: list[str] = []
 
@@ -54,7 +57,7 @@ def http_server(host: str, answer: Callable) -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
 
-    server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://{host}:{server.server_address[1]}", seen
@@ -78,9 +81,17 @@ def target():
         yield url, seen
 
 
-def read_as_a_worker(url: str) -> str:
-    """What the worker does with a URL source: the guard, then ffmpeg (plan and range)."""
-    final = urlguard.final_url(url, ALLOW)
+@pytest.fixture(scope="module")
+def egress():
+    proxy = Egress(ALLOW)
+    yield proxy
+    proxy.close()
+
+
+def read_as_a_worker(url: str, egress: Egress) -> str:
+    """What the worker does with a URL source: the guard's probe, then ffmpeg through
+    the egress proxy (plan and range); returns the errors."""
+    final = egress.open(url)
     errors = []
     for read in (
         lambda: list(stream_audio(final)),
@@ -138,11 +149,11 @@ ATTACKS = ["redirect-after-probe", "hls", "dash", "concat", "subfile", "concat-p
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
-def test_ffmpeg_never_reaches_a_refused_host_from_a_url(target, kind):
+def test_ffmpeg_never_reaches_a_refused_host_from_a_url(target, egress, kind):
     target_url, target_seen = target
     suffix = {"hls": "/list.m3u8", "dash": "/manifest.mpd"}.get(kind, "/media")
     with http_server("127.0.0.1", attacker(target_url, kind)) as (url, seen):
-        errors = read_as_a_worker(url + suffix)
+        errors = read_as_a_worker(url + suffix, egress)
     assert target_seen == [], f"{kind}: the target was reached: {target_seen}"
     assert seen, "the attacker's host was not even asked"
     assert errors, f"{kind}: reading succeeded"
@@ -181,9 +192,67 @@ def test_an_uploaded_playlist_cannot_reach_a_refused_host_either(target, kind, t
     assert SECRET.decode() not in error.value.reason
 
 
-def test_plain_media_from_an_allowed_host_still_reads(target):
-    with http_server("127.0.0.1", lambda h, n: send(h, 200, WAV)) as (url, _):
-        final = urlguard.final_url(url + "/talk.wav", ALLOW)
-        samples = np.concatenate(list(stream_audio(final)))
+def ranged(body: bytes) -> Callable:
+    """An origin that serves `body` and honours Range requests, as file hosts do."""
+
+    def answer(handler, n: int) -> None:
+        asked = handler.headers.get("Range", "")
+        if not asked.startswith("bytes="):
+            send(handler, 200, body, Accept_Ranges="bytes")
+            return
+        first, _, last = asked.removeprefix("bytes=").partition("-")
+        end = min(int(last), len(body) - 1) if last else len(body) - 1
+        part = body[int(first) : end + 1]
+        send(handler, 206, part, Content_Range=f"bytes {first}-{end}/{len(body)}")
+
+    return answer
+
+
+def test_plain_media_from_an_allowed_host_still_reads(egress):
+    with http_server("127.0.0.1", ranged(WAV)) as (url, seen):
+        source = egress.open(url + "/talk.wav")
+        samples = np.concatenate(list(stream_audio(source)))
         assert abs(len(samples) - 32000) <= 1
-        assert len(read_range(final, 1.0, 1.5)) == 8000
+        assert len(read_range(source, 1.0, 1.5)) == 8000
+    assert len(seen) >= 3  # the probe, then ffmpeg's reads, each through the proxy
+
+
+def attacker_dns(monkeypatch, answers: Callable[[int], str]) -> list[str]:
+    """The attacker's DNS: `media.attacker.test` resolves to `answers(n)` on its n-th
+    lookup. Only the guard's resolver knows the name, so reading it at all shows that
+    every connection went to an address the guard resolved and checked."""
+    lookups: list[str] = []
+    real = urlguard.resolve
+
+    def resolve(host: str, port: int) -> list[urlguard.IpAddress]:
+        if host != "media.attacker.test":
+            return real(host, port)
+        lookups.append(answers(len(lookups) + 1))
+        return [ipaddress.ip_address(lookups[-1])]
+
+    monkeypatch.setattr(urlguard, "resolve", resolve)
+    return lookups
+
+
+def test_every_connection_goes_to_the_address_the_guard_checked(egress, monkeypatch):
+    with http_server("127.0.0.1", ranged(WAV)) as (url, seen):
+        lookups = attacker_dns(monkeypatch, lambda n: "127.0.0.1")
+        port = url.rsplit(":", 1)[1]
+        source = egress.open(f"http://media.attacker.test:{port}/talk.wav")
+        assert len(read_range(source, 1.0, 1.5)) == 8000
+    assert len(lookups) == len(seen) >= 2  # one check per connection, each one pinned
+
+
+def test_a_name_rebinding_to_a_refused_address_reaches_nothing(egress, monkeypatch):
+    """The name answers the guard's probe with the attacker's public address, then
+    with the target's: the target (same port, on 127.0.0.2) must see no connection."""
+    with http_server("127.0.0.1", ranged(WAV)) as (url, seen):
+        port = int(url.rsplit(":", 1)[1])
+        target = http_server("127.0.0.2", lambda h, n: send(h, 200, SECRET + WAV), port)
+        with target as (_, target_seen):
+            attacker_dns(monkeypatch, lambda n: "127.0.0.1" if n == 1 else "127.0.0.2")
+            errors = read_as_a_worker(f"http://media.attacker.test:{port}/talk.wav", egress)
+    assert seen == ["/talk.wav"]  # the probe, and nothing after it
+    assert target_seen == []
+    assert "Refused by the URL guard" in errors
+    assert SECRET.decode() not in errors

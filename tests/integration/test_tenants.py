@@ -58,6 +58,27 @@ def test_a_retry_counts_against_the_active_limit(make_server):
     worker.close()
 
 
+def test_a_retry_counts_against_the_submissions_per_minute(make_server):
+    server = make_server(submissions_per_minute=2)
+    key, worker_key = server.create_key("submit"), server.create_key("worker")
+    worker = ProtocolWorker(server, worker_key)
+
+    def fail_it() -> None:
+        [job] = worker.claim()
+        assert worker.fail(job, "not media", permanent=True).status_code == 200
+
+    with server.client(key) as client:
+        failed = submit(client, b"bad").json()["id"]  # the minute's first submission
+        fail_it()
+        assert client.post(f"/v1/transcriptions/{failed}/retry").status_code == 200  # second
+        fail_it()
+        retry = client.post(f"/v1/transcriptions/{failed}/retry")
+        assert retry.status_code == 429, retry.text
+        assert retry.json()["code"] == "too_many_submissions"
+        assert client.get(f"/v1/transcriptions/{failed}").json()["state"] == "failed"
+    worker.close()
+
+
 def transcribe_job(worker: ProtocolWorker, client, audio: bytes) -> tuple[str, dict]:
     """Submits `audio`, plans it as one chunk; returns the id and its leased transcribe job."""
     tid = submit(client, audio).json()["id"]
