@@ -22,36 +22,60 @@ import asyncpg
 
 from server import metrics, transcripts
 from server.errors import ApiError, text_refused
-from server.protocol import CachedChunk, ChunkPlan, ChunkTranscript
+from server.protocol import CachedChunk, ChunkPlan, ChunkSpan, ChunkTranscript
 from server.settings import Settings
 from server.storage import Storage
 
 JOBS_CHANNEL = "scribefarm_jobs"
 
-# Claims up to $3 jobs (and up to $5 seconds of audio) the worker can run, and takes
-# over expired leases in the same statement. Walks ix_jobs_claimable (priority DESC,
-# submitted_at, seq) over the queued/leased rows only; SKIP LOCKED lets concurrent
-# claimers pass each other.
+# A job a worker may take now: queued and due, or leased with its lease run out and
+# attempts left (CLAIM takes those over). ix_jobs_claimable holds exactly the queued and
+# leased rows. One definition for every statement that looks for work.
+CLAIMABLE = """
+    state IN ('queued', 'leased')
+    AND ((state = 'queued' AND run_after <= now())
+         OR (state = 'leased' AND lease_expires_at <= now() AND attempts < max_attempts))
+"""
+# ... that the claiming worker (the CTE `worker`) can run.
+CLAIMABLE_BY_WORKER = f"""{CLAIMABLE}
+    AND kind = ANY(worker.kinds) AND (model IS NULL OR model = ANY(worker.models))
+"""
+
+# Claims up to $3 jobs the worker can run, and takes over expired leases in the same
+# statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
+# queued/leased rows only; SKIP LOCKED lets concurrent claimers pass each other.
+# The audio claimed is at most $5 seconds, and at most this worker's share of the head
+# of the queue (the audio all live workers like it, seen within $6 seconds, would claim
+# at once, split between them), so N idle workers split the last jobs of a file N ways
+# instead of one taking them all while the others wait; always at least one job.
 # Returns no row at all when the worker is unknown, one all-NULL row when there is
 # no work.
-CLAIM = """
+CLAIM = f"""
 WITH worker AS (
     UPDATE workers SET last_seen_at = now()
     WHERE id = $1 AND api_key_id = $2
     RETURNING models, kinds
+), live AS (
+    -- Workers that could take the same jobs (a model and a kind in common).
+    SELECT greatest(count(*), 1) AS workers FROM workers, worker
+    WHERE workers.last_seen_at > now() - make_interval(secs => $6)
+      AND workers.models && worker.models AND workers.kinds && worker.kinds
+), share AS (
+    SELECT sum(seconds) / (SELECT workers FROM live) AS seconds FROM (
+        SELECT coalesce(end_seconds - start_seconds, 0) AS seconds
+        FROM jobs, worker
+        WHERE {CLAIMABLE_BY_WORKER}
+        ORDER BY priority DESC, submitted_at, seq
+        LIMIT $3 * (SELECT workers FROM live)
+    ) AS head
 ), candidates AS (
-    SELECT j.id, j.priority, j.submitted_at, j.seq,
-           coalesce(j.end_seconds - j.start_seconds, 0) AS seconds
-    FROM jobs j, worker w
-    WHERE j.state IN ('queued', 'leased')
-      AND ((j.state = 'queued' AND j.run_after <= now())
-           OR (j.state = 'leased' AND j.lease_expires_at <= now()
-               AND j.attempts < j.max_attempts))
-      AND j.kind = ANY(w.kinds)
-      AND (j.model IS NULL OR j.model = ANY(w.models))
-    ORDER BY j.priority DESC, j.submitted_at, j.seq
+    SELECT jobs.id, jobs.priority, jobs.submitted_at, jobs.seq,
+           coalesce(jobs.end_seconds - jobs.start_seconds, 0) AS seconds
+    FROM jobs, worker
+    WHERE {CLAIMABLE_BY_WORKER}
+    ORDER BY jobs.priority DESC, jobs.submitted_at, jobs.seq
     LIMIT $3
-    FOR UPDATE OF j SKIP LOCKED
+    FOR UPDATE OF jobs SKIP LOCKED
 ), chosen AS (
     -- The audio budget: rows locked above but not chosen are unlocked at commit.
     SELECT id FROM (
@@ -59,7 +83,8 @@ WITH worker AS (
         FROM candidates
         WINDOW queue AS (ORDER BY priority DESC, submitted_at, seq)
     ) AS queue
-    WHERE n = 1 OR $5::float8 IS NULL OR running <= $5
+    WHERE n = 1 OR running <= least(coalesce($5::float8, 'infinity'),
+                                    (SELECT seconds FROM share))
 ), claimed AS (
     UPDATE jobs j
     SET state = 'leased', lease_id = gen_random_uuid(), worker_id = $1,
@@ -153,37 +178,55 @@ RETURNING transcription_id, kind, seq, start_seconds, end_seconds, attempts, err
 """
 
 # Walks ix_jobs_claimable; capped, it only tells the doorbell how many to wake.
-COUNT_CLAIMABLE = """
-SELECT count(*) FROM (
-    SELECT 1 FROM jobs
-    WHERE state IN ('queued', 'leased')
-      AND ((state = 'queued' AND run_after <= now())
-           OR (state = 'leased' AND lease_expires_at <= now() AND attempts < max_attempts))
-    LIMIT $1
-) AS claimable
+COUNT_CLAIMABLE = f"""
+SELECT count(*) FROM (SELECT 1 FROM jobs WHERE {CLAIMABLE} LIMIT $1) AS claimable
 """
 
-# Fan-out: one transcribe job per planned chunk, inserted with the chunk job's
-# completion. ix_jobs_transcription (transcription_id, seq) is unique, so a chunk
-# plan can never be inserted twice. The speech spans come as one JSON array, one entry
-# per chunk (a list of lists would be taken for a multi-dimensional SQL array).
+# Fan-out: one transcribe job per planned chunk, inserted as the chunk job reports
+# settled chunks and with its completion (whose plan holds them all). A chunk is the
+# same whoever plans it, so ix_jobs_transcription (transcription_id, seq), unique,
+# queues each once. The speech spans come as one JSON array, one entry per chunk (a
+# list of lists would be taken for a multi-dimensional SQL array). Returns how many
+# were new.
 INSERT_TRANSCRIBE_JOBS = """
-INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
-                  start_seconds, end_seconds, speech, max_attempts)
-SELECT t.id, 'transcribe', 'queued', s.seq, t.model, t.priority, t.created_at,
-       s.start_seconds, s.end_seconds, nullif($5::jsonb -> (s.n - 1)::int, 'null'), $6
-FROM transcriptions t,
-     unnest($2::int[], $3::float8[], $4::float8[]) WITH ORDINALITY
-         AS s(seq, start_seconds, end_seconds, n)
-WHERE t.id = $1
+WITH inserted AS (
+    INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
+                      start_seconds, end_seconds, speech, max_attempts)
+    SELECT t.id, 'transcribe', 'queued', s.seq, t.model, t.priority, t.created_at,
+           s.start_seconds, s.end_seconds, nullif($5::jsonb -> (s.n - 1)::int, 'null'), $6
+    FROM transcriptions t,
+         unnest($2::int[], $3::float8[], $4::float8[]) WITH ORDINALITY
+             AS s(seq, start_seconds, end_seconds, n)
+    WHERE t.id = $1
+    ON CONFLICT (transcription_id, seq) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
 """
 
-# Primary key lookup.
+# Primary key lookups; fenced on the chunk job's lease, under its transcription's lock.
+SETTLING = """
+SELECT j.transcription_id, j.kind FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+WHERE j.id = $1 AND j.lease_id = $2 AND j.state = 'leased' AND t.state IN ('queued', 'running')
+"""
+
+# Primary key lookup. While planning goes on, jobs_total counts the chunks queued so
+# far and duration_seconds stays NULL: a transcription is merged only once its plan is
+# complete (PLANNED) and every job is done.
+SETTLED = """
+UPDATE transcriptions
+SET jobs_total = jobs_total + $2, state = 'running', started_at = coalesce(started_at, now())
+WHERE id = $1
+"""
+
+# Primary key lookup. Returns the counts: transcribe jobs of settled chunks may all be
+# done before the plan is.
 PLANNED = """
 UPDATE transcriptions
 SET duration_seconds = $2, jobs_total = $3, detected_language = $4, state = 'running',
     started_at = coalesce(started_at, now())
 WHERE id = $1 AND state IN ('queued', 'running')
+RETURNING jobs_done, jobs_total, duration_seconds
 """
 
 # Fan-in, under the transcription's lock (taken first), which serialises concurrent
@@ -879,7 +922,13 @@ class Board:
         lease_seconds: float,
     ) -> list[asyncpg.Record]:
         rows = await self.pool.fetch(
-            CLAIM, worker_id, key_id, max_jobs, lease_seconds, max_audio_seconds
+            CLAIM,
+            worker_id,
+            key_id,
+            max_jobs,
+            lease_seconds,
+            max_audio_seconds,
+            self.settings.worker_gone_seconds,
         )
         if not rows:
             raise ApiError(
@@ -1066,6 +1115,45 @@ class Board:
 
     # --- fan-out and fan-in -------------------------------------------------
 
+    async def settle(self, job_id: UUID, lease_id: UUID, chunks: list[ChunkSpan]) -> None:
+        """Queues the transcribe jobs of chunks a chunk job settled while still planning.
+        Fenced on its lease: a chunk job that is not the caller's any more queues nothing."""
+        limit = self.settings.max_audio_seconds
+        if chunks[-1].end > limit:
+            raise ApiError(
+                422,
+                "audio_too_long",
+                f"a chunk ends at {chunks[-1].end:.0f} s; the limit is {limit:.0f} s "
+                "(SCRIBEFARM_MAX_AUDIO_SECONDS)",
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
+            job = await conn.fetchrow(SETTLING, job_id, lease_id)
+            if job is None:
+                await self._raise_fenced(conn, job_id, lease_id)
+            if job["kind"] != "chunk":
+                raise ApiError(422, "wrong_result_kind", f"job {job_id} is a {job['kind']} job")
+            added = await self._insert_chunks(conn, job["transcription_id"], chunks)
+            await conn.execute(SETTLED, job["transcription_id"], added)
+
+    async def _insert_chunks(
+        self, conn: asyncpg.Connection, transcription_id: UUID, chunks: list[ChunkSpan]
+    ) -> int:
+        """Queues a transcribe job per chunk not queued yet; returns how many were new."""
+        added = await conn.fetchval(
+            INSERT_TRANSCRIBE_JOBS,
+            transcription_id,
+            [c.index + 1 for c in chunks],
+            [c.start for c in chunks],
+            [c.end for c in chunks],
+            [c.speech for c in chunks],
+            self.settings.max_attempts,
+        )
+        self.jobs_added += added
+        if added:
+            await notify_jobs(conn, added)
+        return added
+
     async def _fan_out(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
         limit = self.settings.max_audio_seconds
         if plan.duration_seconds > limit:
@@ -1076,25 +1164,11 @@ class Board:
             await conn.execute(PLANNED, transcription_id, plan.duration_seconds, 0, None)
             await conn.execute(FAIL_TRANSCRIPTION, transcription_id, reason)
             return
-        chunks = plan.chunks
-        await conn.execute(
-            INSERT_TRANSCRIBE_JOBS,
-            transcription_id,
-            [c.index + 1 for c in chunks],
-            [c.start for c in chunks],
-            [c.end for c in chunks],
-            [c.speech for c in chunks],
-            self.settings.max_attempts,
+        await self._insert_chunks(conn, transcription_id, plan.chunks)
+        counts = await conn.fetchrow(
+            PLANNED, transcription_id, plan.duration_seconds, len(plan.chunks), plan.language
         )
-        await conn.execute(
-            PLANNED, transcription_id, plan.duration_seconds, len(chunks), plan.language
-        )
-        self.jobs_added += len(chunks)
-        if chunks:
-            await notify_jobs(conn, len(chunks))
-        else:  # nothing to transcribe: an empty transcript, done now
-            merged = transcripts.merge([], plan.duration_seconds)
-            await self._succeed(conn, transcription_id, merged)
+        await self._merge_when_done(conn, transcription_id, counts)
 
     async def _fan_in(self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript):
         counts = await conn.fetchrow(
@@ -1109,12 +1183,21 @@ class Board:
             owner = await conn.fetchval(TRANSCRIPTION_OWNER, job["transcription_id"])
             key = scoped_cache_key(owner, result.cache_key)
             await conn.execute(CACHE_STORE, key, cache_entry(result, job))
-        if counts is None or counts["jobs_done"] < counts["jobs_total"]:
+        await self._merge_when_done(conn, job["transcription_id"], counts)
+
+    async def _merge_when_done(
+        self, conn: asyncpg.Connection, transcription_id: UUID, counts: asyncpg.Record | None
+    ) -> None:
+        """Merges the transcript once the plan is complete (duration known) and every
+        transcribe job is done; a plan of no chunks is an empty transcript, done now."""
+        if counts is None or counts["duration_seconds"] is None:
             return
-        rows = await conn.fetch(CHUNK_RESULTS, job["transcription_id"])
+        if counts["jobs_done"] < counts["jobs_total"]:
+            return
+        rows = await conn.fetch(CHUNK_RESULTS, transcription_id)
         chunks = [(r["start_seconds"], r["end_seconds"], r["result"]) for r in rows]
         merged = transcripts.merge(chunks, counts["duration_seconds"])
-        await self._succeed(conn, job["transcription_id"], merged)
+        await self._succeed(conn, transcription_id, merged)
 
     async def _succeed(
         self,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 
 JobKind = Literal["chunk", "transcribe"]
@@ -154,6 +154,15 @@ class ChunkPlan(Strict):
         description="Detected once from the first speech, for every chunk (multilingual "
         "models, when no language was given).",
     )
+
+
+class SettledChunks(Strict):
+    """What a chunk job reports while it still reads its source: chunks no later audio
+    can change, queued as transcribe jobs at once. Its completion's plan holds them
+    again (with the rest): a chunk is queued once, whoever reports it."""
+
+    lease_id: UUID
+    chunks: list[ChunkSpan] = Field(min_length=1, max_length=10_000)
 
 
 class ChunkTranscript(Strict):

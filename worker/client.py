@@ -23,6 +23,7 @@ from server.protocol import (
     PROTOCOL_VERSION,
     CachedChunk,
     CacheHits,
+    ChunkSpan,
     ClaimedJob,
     ClaimResponse,
     JobOutcome,
@@ -116,6 +117,10 @@ class BoardClient:
     async def complete(self, job: ClaimedJob, result: Any) -> JobOutcome:
         body = {"lease_id": str(job.lease_id), "result": result.model_dump(mode="json")}
         return JobOutcome.model_validate(await self._post(f"/v1/jobs/{job.id}/complete", body))
+
+    async def settle(self, job: ClaimedJob, chunks: list[ChunkSpan]) -> None:
+        body = {"lease_id": str(job.lease_id), "chunks": [c.model_dump() for c in chunks]}
+        await self._post(f"/v1/jobs/{job.id}/chunks", body)
 
     async def fail(self, job: ClaimedJob, error: str, permanent: bool) -> JobOutcome:
         body = {"lease_id": str(job.lease_id), "error": error[:4000], "permanent": permanent}

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -176,6 +177,9 @@ class Worker:
             await self._transcribe(batch)
 
     async def _chunk(self, job: ClaimedJob) -> None:
+        # Chunks are queued as they settle, unless the language must be detected first
+        # (from the first speech, for every chunk).
+        detect_language = self._detects_language_once(job)
         try:
             source = await self._source(job)
             plan = await asyncio.to_thread(
@@ -185,9 +189,14 @@ class Worker:
                 job.chunk_max_seconds,
                 max_audio_seconds=job.max_audio_seconds or math.inf,
                 deadline=time.monotonic() + (job.max_job_seconds or math.inf),
+                on_settled=None if detect_language else self._settler(job),
             )
-            if self._detects_language_once(job) and plan.chunks:
+            if detect_language and plan.chunks:
                 plan.language = await asyncio.to_thread(self._first_language, job, source, plan)
+        except LeaseLost as exc:
+            self.held.pop(str(job.id), None)
+            log.info("stopped planning job %s: %s", job.id, exc)
+            return
         except MediaError as exc:
             await self._fail(job, exc.reason, exc.permanent)
             return
@@ -196,6 +205,29 @@ class Worker:
             await self._fail(job, f"chunking failed: {exc}", permanent=False)
             return
         await self._finish(job, plan)
+
+    def _settler(self, job: ClaimedJob) -> Callable[[list[ChunkSpan]], None]:
+        """What the planner (in its thread) calls with settled chunks: they are sent to
+        the board at once. A lost lease stops the planning; any other trouble only
+        stops the early reports (the completion carries every chunk anyway)."""
+        loop = asyncio.get_running_loop()
+        reporting = True
+
+        def settle(chunks: list[ChunkSpan]) -> None:
+            nonlocal reporting
+            if not reporting:
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(self.client.settle(job, chunks), loop).result()
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                reporting = False
+                log.warning(
+                    "job %s: settled chunks not reported (%s); sent with the plan", job.id, exc
+                )
+
+        return settle
 
     def _detects_language_once(self, job: ClaimedJob) -> bool:
         options = job.options

@@ -79,6 +79,10 @@ class SpeechProbabilities:
                 pending = pending[batch:]
             self._pending, self._pending_samples = [pending], pending.size
 
+    def so_far(self) -> np.ndarray:
+        """The probabilities of the frames run so far (whole batches), as they will stay."""
+        return np.concatenate(self._probs) if self._probs else np.zeros(0, np.float32)
+
     def finish(self) -> np.ndarray:
         """All probabilities. The audio is padded to whole frames (a whole extra frame
         when it already fits) and its last 64 samples zeroed, as the pipeline does."""
@@ -86,7 +90,7 @@ class SpeechProbabilities:
         frames = np.pad(pending, (0, FRAME - pending.size % FRAME)).reshape(-1, FRAME)
         frames[-1, -_CONTEXT:] = 0
         self._run(frames)
-        return np.concatenate(self._probs) if self._probs else np.zeros(0, np.float32)
+        return self.so_far()
 
     def _take(self) -> np.ndarray:
         pending = np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32)

@@ -29,6 +29,7 @@ from server.protocol import (
     LeaseRequest,
     LeaseResponse,
     Registration,
+    SettledChunks,
     TranscriptionOptions,
     WorkerCapabilities,
 )
@@ -191,6 +192,18 @@ async def complete(
     transcribe job to finish merges the transcript, in the same transaction."""
     state = await request.app.state.board.complete(job_id, body.lease_id, body.result)
     return JobOutcome(state=state)
+
+
+@router.post("/jobs/{job_id}/chunks", response_model=JobOutcome, responses=LEASE_ERRORS)
+async def settle(
+    request: Request, job_id: UUID, body: SettledChunks, caller: WorkerKey
+) -> JobOutcome:
+    """A chunk job, while it still reads its source, reports chunks no later audio can
+    change: their transcribe jobs are queued at once, so other workers start on a long
+    file while it is being planned. Its completion's plan holds them again; each chunk
+    is queued once."""
+    await request.app.state.board.settle(job_id, body.lease_id, body.chunks)
+    return JobOutcome(state="leased")
 
 
 @router.post("/jobs/{job_id}/fail", response_model=JobOutcome, responses=LEASE_ERRORS)

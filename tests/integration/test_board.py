@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -254,6 +255,79 @@ def test_fan_out_then_fan_in_merges_the_transcript(server, submitter, worker):
     transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript").json()
     assert [s["text"] for s in transcript["segments"]] == [f"chunk {i}" for i in range(4)]
     assert transcript["text"] == "chunk 0 chunk 1 chunk 2 chunk 3"
+
+
+def settle(worker, job, first: int, count: int, seconds: float = 10.0) -> httpx.Response:
+    """Reports chunks first..first+count-1 of `job`'s plan as settled."""
+    chunks = chunk_plan(first + count, seconds)["chunks"][first:]
+    return worker.http.post(
+        f"/v1/jobs/{job['id']}/chunks", json={"lease_id": job["lease_id"], "chunks": chunks}
+    )
+
+
+def test_settled_chunks_are_transcribed_while_planning_and_merged_once_planned(
+    server, keys, submitter, worker
+):
+    """leased chunk job: settled chunks → queued transcribe jobs at once; the plan's
+    completion queues only the rest; the merge waits for the plan."""
+    tid = submit(submitter, b"audio bytes").json()["id"]
+    [planner] = worker.claim()
+    assert settle(worker, planner, 0, 2).status_code == 200
+    other = ProtocolWorker(server, keys["worker"], "other")
+    early = other.claim() + other.claim()
+    assert [j["chunk"]["index"] for j in early] == [0, 1]
+    for job in early:
+        assert other.complete(job, chunk_transcript(job)).status_code == 200
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "running", view  # all known jobs done, but the plan is not
+    assert view["progress"]["jobs_total"] == 2 and view["duration_seconds"] is None
+    assert settle(worker, planner, 1, 1).status_code == 200  # a repeat queues nothing
+    assert worker.complete(planner, chunk_plan(3)).status_code == 200
+    assert [r["seq"] for r in job_rows(server, tid) if r["kind"] == "transcribe"] == [1, 2, 3]
+    [last] = other.claim()
+    assert other.complete(last, chunk_transcript(last)).status_code == 200
+    transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript").json()
+    assert transcript["text"] == "chunk 0 chunk 1 chunk 2"
+    other.close()
+
+
+def test_a_plan_whose_settled_chunks_are_all_done_merges_at_its_completion(
+    server, submitter, worker
+):
+    tid = submit(submitter, b"audio bytes").json()["id"]
+    [planner] = worker.claim()
+    assert settle(worker, planner, 0, 2).status_code == 200
+    for job in worker.claim(max_jobs=2):
+        assert worker.complete(job, chunk_transcript(job)).status_code == 200
+    assert worker.complete(planner, chunk_plan(2)).status_code == 200
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "succeeded", view
+    assert view["progress"]["jobs_done"] == view["progress"]["jobs_total"] == 2
+
+
+def test_settled_chunks_are_fenced_on_the_chunk_jobs_lease(server, submitter, worker):
+    tid = submit(submitter, b"audio bytes").json()["id"]
+    [planner] = worker.claim()
+    stale = settle(worker, {**planner, "lease_id": str(uuid.uuid4())}, 0, 1)
+    assert stale.status_code == 409 and stale.json()["code"] == "lease_lost"
+    assert settle(worker, planner, 0, 1).status_code == 200
+    [transcribe] = worker.claim()
+    assert settle(worker, transcribe, 1, 1).json()["code"] == "wrong_result_kind"
+    assert submitter.post(f"/v1/transcriptions/{tid}/cancel").status_code == 200
+    canceled = settle(worker, planner, 1, 1)
+    assert canceled.status_code == 409 and canceled.json()["code"] == "job_canceled"
+    assert len(job_rows(server, tid)) == 2  # the chunk job and the one settled chunk
+
+
+def test_idle_workers_split_the_last_jobs_of_a_file(server, keys, submitter, worker):
+    """A claim takes at most its worker's share of the queue's head (split between the
+    live workers), so two workers split four jobs two ways, not four to none."""
+    other = ProtocolWorker(server, keys["worker"], "other")
+    submit_planned(submitter, worker, 4)
+    assert len(worker.claim(max_jobs=8)) == 2
+    assert len(other.claim(max_jobs=8)) == 1  # its share of the two left
+    assert len(worker.claim(max_jobs=8)) == 1  # always at least one
+    other.close()
 
 
 @pytest.mark.parametrize("per_chunk", [False, True])

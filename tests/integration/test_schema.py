@@ -74,7 +74,8 @@ def test_claim_query_walks_the_claimable_index(postgres_url):
         .replace("$2", f"'{key}'::uuid")
         .replace("$3", "10")
         .replace("$4", "30")
-        .replace("$5", "NULL"),
+        .replace("$5", "NULL")
+        .replace("$6", "60"),
     )
     text = "\n".join(row["QUERY PLAN"] for row in plan)
     assert "ix_jobs_claimable" in text, text

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.audio import SAMPLE_RATE
-from worker.chunking import plan_chunks
-from worker.vad import pack_windows
+from worker.chunking import plan_chunks, settled_chunks
+from worker.vad import FRAME, pack_windows, speech_spans
 
 SR = SAMPLE_RATE
 
@@ -75,3 +76,37 @@ def test_every_span_is_in_exactly_one_chunk_in_order_within_the_maximum(layout, 
     for before, after in zip(chunks, chunks[1:], strict=False):
         assert before.end <= after.start
     assert all(c.end - c.start <= 120 for c in chunks)
+
+
+def speech_probabilities(seed: int, seconds: float) -> np.ndarray:
+    """Per-frame probabilities of a talk: runs of speech (0.3-25 s, now and then longer
+    than a window) and pauses (0.05-4 s), with noise around the thresholds."""
+    rng = np.random.default_rng(seed)
+    frames_per_second = SR / FRAME
+    probs: list[np.ndarray] = []
+    speaking = bool(rng.integers(2))
+    while sum(p.size for p in probs) < seconds * frames_per_second:
+        length = rng.uniform(0.3, 40) if speaking else rng.uniform(0.05, 4)
+        n = max(1, int(length * frames_per_second))
+        level = rng.uniform(0.55, 1.0, n) if speaking else rng.uniform(0.0, 0.4, n)
+        probs.append(level.astype(np.float32))
+        speaking = not speaking
+    return np.concatenate(probs)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("target", [30.0, 60.0])
+def test_settled_chunks_are_the_whole_plans_own(seed, target):
+    """What the planner hands out while reading is exactly the start of the plan it
+    makes once the whole source is read, at every point it may look."""
+    probs = speech_probabilities(seed, 900)
+    whole = plan_chunks(speech_spans(probs, probs.size * FRAME), target, 120)
+    settled_before = 0
+    for frames in range(1_000, probs.size, 1_000):  # SpeechProbabilities' batches
+        settled = settled_chunks(probs[:frames], target, 120)
+        assert settled == whole[: len(settled)], f"after {frames} frames"
+        assert len(settled) >= settled_before  # once settled, always settled
+        settled_before = len(settled)
+    # The rest is the end: the last batch read, the last chunk and what can still join it.
+    unsettled = whole[settled_before:]
+    assert all(chunk.end > 900 - 32 - 3 * 120 for chunk in unsettled)
