@@ -128,6 +128,20 @@ def test_farm_matches_direct_faster_whisper(farm, media, speech, run_direct, fmt
         assert abs(f - at) <= abs(d - at) + 0.2, (at, f, d)
 
 
+def test_transcription_starts_while_the_file_is_still_being_planned(farm, speech):
+    """Streaming fan-out: chunks are queued as they settle, so idle workers start on
+    the first ones while the chunk job is still reading the rest of the file."""
+    server, keys, _ = farm
+    view, transcript = transcribe(server, keys["submit"], speech, target_chunk_seconds=20)
+    jobs = server.sql(
+        "SELECT kind, leased_at, finished_at FROM jobs WHERE transcription_id = $1", view["id"]
+    )
+    [planned_at] = [job["finished_at"] for job in jobs if job["kind"] == "chunk"]
+    started = sorted(job["leased_at"] for job in jobs if job["kind"] == "transcribe")
+    assert len(started) >= 6 and started[0] < planned_at, (started, planned_at)
+    assert word_error_rate(transcript["text"]) < 0.15
+
+
 def test_a_worker_killed_mid_job_loses_nothing(farm, media, speech):
     server, keys, workers = farm
     path = media.convert(speech, "flac")
