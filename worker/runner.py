@@ -193,8 +193,9 @@ class Worker:
             )
             if detect_language and plan.chunks:
                 plan.language = await asyncio.to_thread(self._first_language, job, source, plan)
-        except LeaseLost as exc:
+        except LeaseLost as exc:  # reported while planning: the job is someone else's now
             self.held.pop(str(job.id), None)
+            self.lost.discard(str(job.id))
             log.info("stopped planning job %s: %s", job.id, exc)
             return
         except MediaError as exc:
