@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import math
 import os
 import random
@@ -41,11 +40,6 @@ from bench import common
 from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from server.settings import Settings
 from tests.farm import BURST_SETTINGS, free_port, with_database
-
-if importlib.util.find_spec("sniffio") is None:
-    # httpcore tries `import sniffio` on every request; without the package each try
-    # searches sys.path again (a sixth of the client's CPU). None makes it fail at once.
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
 SECTION = "## Board (bench/board.py)"

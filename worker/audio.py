@@ -393,15 +393,10 @@ def _last_error_line(stderr: str) -> str:
     return lines[-1][:300] if lines else "no error message"
 
 
-def duration_of(samples: int) -> float:
-    return samples / SAMPLE_RATE
-
-
 __all__ = [
     "SAMPLE_RATE",
     "MediaError",
     "Probe",
-    "duration_of",
     "ffmpeg_binary",
     "is_url",
     "probe_source",

@@ -19,7 +19,6 @@ from tests.speech import (
     MediaFactory,
     decode,
     serve_directory,
-    shared_media,
 )
 from worker.audio import MediaError, ffmpeg_binary, read_range, stream_audio
 from worker.chunking import plan_source
@@ -29,11 +28,6 @@ SR = 16_000
 # decoding started; the timeline is still exact ("m4a-nopns" proves it).
 NOISY_AFTER_SEEK = {"m4a", "mp4"}
 RANGES = [(0.0, 7.5), (0.7, 5.0), (2.5, 10.0), (17.3371, 24.9), (41.0, 48.5), (60.02, 99.0)]
-
-
-@pytest.fixture(scope="session")
-def media(tmp_path_factory: pytest.TempPathFactory) -> MediaFactory:
-    return shared_media(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

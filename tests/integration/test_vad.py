@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from faster_whisper.vad import get_speech_timestamps
 
-from tests.speech import MediaFactory, decode, shared_media
+from tests.speech import decode
 from worker.vad import PIPELINE_VAD, SpeechProbabilities, speech_spans
-
-
-@pytest.fixture(scope="session")
-def media(tmp_path_factory: pytest.TempPathFactory) -> MediaFactory:
-    return shared_media(tmp_path_factory)
 
 
 def test_streamed_spans_equal_the_pipelines_over_batch_edges(media):

