@@ -44,10 +44,10 @@ CLAIMABLE_BY_WORKER = f"""{CLAIMABLE}
 # Claims up to $3 jobs the worker can run, and takes over expired leases in the same
 # statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
 # queued/leased rows only; SKIP LOCKED lets concurrent claimers pass each other.
-# The audio claimed is at most $5 seconds, and at most this worker's share of the head
-# of the queue (the audio all live workers like it, seen within $6 seconds, would claim
-# at once, split between them), so N idle workers split the last jobs of a file N ways
-# instead of one taking them all while the others wait; always at least one job.
+# The audio claimed is at most $5 seconds, and the jobs at most this worker's share of
+# the head of the queue (the jobs all live workers like it, seen within $6 seconds,
+# would claim at once, split between them), so N idle workers split the last jobs of a
+# file N ways instead of one taking them all while the others wait; always one job.
 # Returns no row at all when the worker is unknown, one all-NULL row when there is
 # no work.
 CLAIM = f"""
@@ -61,11 +61,8 @@ WITH worker AS (
     WHERE workers.last_seen_at > now() - make_interval(secs => $6)
       AND workers.models && worker.models AND workers.kinds && worker.kinds
 ), share AS (
-    SELECT sum(seconds) / (SELECT workers FROM live) AS seconds FROM (
-        SELECT coalesce(end_seconds - start_seconds, 0) AS seconds
-        FROM jobs, worker
-        WHERE {CLAIMABLE_BY_WORKER}
-        ORDER BY priority DESC, submitted_at, seq
+    SELECT ceil(count(*)::float8 / (SELECT workers FROM live)) AS jobs FROM (
+        SELECT 1 FROM jobs, worker WHERE {CLAIMABLE_BY_WORKER}
         LIMIT $3 * (SELECT workers FROM live)
     ) AS head
 ), candidates AS (
@@ -83,8 +80,7 @@ WITH worker AS (
         FROM candidates
         WINDOW queue AS (ORDER BY priority DESC, submitted_at, seq)
     ) AS queue
-    WHERE n = 1 OR running <= least(coalesce($5::float8, 'infinity'),
-                                    (SELECT seconds FROM share))
+    WHERE n = 1 OR (n <= (SELECT jobs FROM share) AND ($5::float8 IS NULL OR running <= $5))
 ), claimed AS (
     UPDATE jobs j
     SET state = 'leased', lease_id = gen_random_uuid(), worker_id = $1,

@@ -66,7 +66,7 @@ def check_url(url: str, allowlist: Allowlist) -> IpAddress:
     if not host:
         raise UrlRefused(f"the URL {url!r} names no host")
     addresses = resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
-    for address in addresses:
+    for address in map(unmapped, addresses):
         if not is_public(address) and not allowlist.permits(host, address):
             shown = host if host == str(address) else f"{host} ({address})"
             raise UrlRefused(
@@ -129,14 +129,20 @@ def resolve(host: str, port: int) -> list[IpAddress]:
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
-def is_public(address: IpAddress) -> bool:
+def unmapped(address: IpAddress) -> IpAddress:
+    """An IPv4 address written as IPv6 (::ffff:127.0.0.1) is that IPv4 address."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def is_public(address: IpAddress) -> bool:
+    address = unmapped(address)
     return address.is_global and not address.is_multicast
 
 
 def kind_of(address: IpAddress) -> str:
-    for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+    for kind in ("unspecified", "loopback", "link_local", "private", "multicast", "reserved"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")
     return "non-public"
