@@ -44,10 +44,12 @@ CLAIMABLE_BY_WORKER = f"""{CLAIMABLE}
 # Claims up to $3 jobs the worker can run, and takes over expired leases in the same
 # statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
 # queued/leased rows only; SKIP LOCKED lets concurrent claimers pass each other.
-# The audio claimed is at most $5 seconds, and the jobs at most this worker's share of
-# the head of the queue (the jobs all live workers like it, seen within $6 seconds,
-# would claim at once, split between them), so N idle workers split the last jobs of a
-# file N ways instead of one taking them all while the others wait; always one job.
+# The audio claimed is at most $5 seconds. Past half of that, it is at most this
+# worker's share of the head of the queue (the audio all live workers like it, seen
+# within $6 seconds, would claim at once, split between them): N idle workers split the
+# last long chunks of a file N ways instead of one taking them all while the others
+# wait, and short jobs still go in batches (a smaller share of them only made smaller
+# batches: bench/many_short.py). Always at least one job.
 # Returns no row at all when the worker is unknown, one all-NULL row when there is
 # no work.
 CLAIM = f"""
@@ -61,8 +63,11 @@ WITH worker AS (
     WHERE workers.last_seen_at > now() - make_interval(secs => $6)
       AND workers.models && worker.models AND workers.kinds && worker.kinds
 ), share AS (
-    SELECT ceil(count(*)::float8 / (SELECT workers FROM live)) AS jobs FROM (
-        SELECT 1 FROM jobs, worker WHERE {CLAIMABLE_BY_WORKER}
+    SELECT greatest(sum(seconds) / (SELECT workers FROM live), $5::float8 / 2) AS seconds
+    FROM (
+        SELECT coalesce(end_seconds - start_seconds, 0) AS seconds FROM jobs, worker
+        WHERE {CLAIMABLE_BY_WORKER}
+        ORDER BY priority DESC, submitted_at, seq
         LIMIT $3 * (SELECT workers FROM live)
     ) AS head
 ), candidates AS (
@@ -80,7 +85,8 @@ WITH worker AS (
         FROM candidates
         WINDOW queue AS (ORDER BY priority DESC, submitted_at, seq)
     ) AS queue
-    WHERE n = 1 OR (n <= (SELECT jobs FROM share) AND ($5::float8 IS NULL OR running <= $5))
+    WHERE n = 1 OR $5::float8 IS NULL
+       OR running <= least($5, coalesce((SELECT seconds FROM share), $5))
 ), claimed AS (
     UPDATE jobs j
     SET state = 'leased', lease_id = gen_random_uuid(), worker_id = $1,

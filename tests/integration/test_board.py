@@ -36,12 +36,12 @@ def clean_board(server):
     server.sql("TRUNCATE transcriptions, jobs, workers CASCADE")
 
 
-def submit_planned(submitter, worker, chunks: int) -> str:
+def submit_planned(submitter, worker, chunks: int, seconds: float = 10.0) -> str:
     """A transcription whose chunk job has completed with `chunks` chunks."""
     tid = submit(submitter, b"audio bytes").json()["id"]
     [job] = worker.claim()
     assert job["kind"] == "chunk" and job["transcription_id"] == tid
-    assert worker.complete(job, chunk_plan(chunks)).status_code == 200
+    assert worker.complete(job, chunk_plan(chunks, seconds)).status_code == 200
     return tid
 
 
@@ -320,13 +320,25 @@ def test_settled_chunks_are_fenced_on_the_chunk_jobs_lease(server, submitter, wo
 
 
 def test_idle_workers_split_the_last_jobs_of_a_file(server, keys, submitter, worker):
-    """A claim takes at most its worker's share of the queue's head (split between the
-    live workers), so two workers split four jobs two ways, not four to none."""
+    """Past half its audio budget, a claim takes at most its worker's share of the
+    queue's head (split between the live workers): two workers split a file's last
+    minute-long chunks instead of one taking them all. Short jobs still batch."""
     other = ProtocolWorker(server, keys["worker"], "other")
-    submit_planned(submitter, worker, 4)
-    assert len(worker.claim(max_jobs=8)) == 2
-    assert len(other.claim(max_jobs=8)) == 1  # its share of the two left
-    assert len(worker.claim(max_jobs=8)) == 1  # always at least one
+
+    def claim(who: ProtocolWorker) -> list[int]:
+        body = {"worker_id": who.id, "max_jobs": 8, "max_audio_seconds": 120}
+        jobs = who.http.post("/v1/jobs/claim", json=body).json()["jobs"]
+        return [job["chunk"]["index"] for job in jobs]
+
+    tid = submit(submitter, b"long").json()["id"]
+    [planner] = worker.claim()
+    assert worker.complete(planner, chunk_plan(4, seconds=60)).status_code == 200
+    assert claim(worker) == [0, 1]  # 120 s: its share of 240 s between two
+    assert claim(other) == [2]  # its share of the two left, not both
+    assert claim(worker) == [3]
+    server.sql("UPDATE jobs SET state = 'succeeded' WHERE transcription_id = $1", tid)
+    submit_planned(submitter, worker, 8, seconds=5)
+    assert len(claim(other)) == 8  # 40 s of short jobs: one batch, under half the budget
     other.close()
 
 
