@@ -211,7 +211,8 @@ class ClaimRequest(Strict):
     )
     max_audio_seconds: float | None = Field(
         default=None,
-        gt=0,
+        ge=1,  # a smaller budget means nothing, and underflows PostgreSQL's float arithmetic
+        le=86_400,
         description="Stop adding transcribe jobs once their audio adds up to this (the first "
         "job is always given): a worker takes what it can finish soon, and leaves the rest "
         "to idle workers.",
