@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(db.migrate, url)
         pool = await db.create_pool(url, settings.db_pool_size, init_connection)
         app.state.board = Board(pool, settings, app.state.storage)
-        scaler = autoscaler.from_settings(app.state.board, settings)  # None when off
+        scaler = autoscaler.from_settings(app.state.board.reads, settings)  # None when off
         notifications = Notifications()
         app.state.doorbell = Doorbell()
         notifications.subscribe(JOBS_CHANNEL, app.state.doorbell.notified)

@@ -7,9 +7,7 @@ route names the roles it admits with `allow(...)`; the OpenAPI schema lists them
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -18,10 +16,10 @@ from uuid import UUID
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from server.board.keys import hash_key
 from server.errors import ApiError
 
 ROLES = ("submit", "worker", "admin")
-KEY_PREFIX = "sf_"
 CACHE_SECONDS = 5.0  # how long a revocation may take to be noticed
 # Long waits (a worker's long poll, an OpenAI request waiting for its transcript)
 # recheck their key this often, so a revocation ends them within 5 s too.
@@ -41,14 +39,6 @@ class Caller:
         return None if self.role == "admin" else self.key_id
 
 
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 class KeyCache:
     """Recently seen keys, so a busy worker does not cost a lookup per request."""
 
@@ -62,7 +52,7 @@ class KeyCache:
         hit = self._active.get(key_id)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        row = await board.find_key_by_id(key_id)
+        row = await board.keys.find_by_id(key_id)
         active = row is not None and not row["expired"] and not row["revoked"]
         if len(self._active) > 10_000:
             self._active.clear()
@@ -74,7 +64,7 @@ class KeyCache:
         hit = self._entries.get(digest)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        row = await board.find_key(digest)
+        row = await board.keys.find(digest)
         caller = None
         # The lookup is by an index on the hash, which leaks nothing usable about the
         # key; the final comparison is constant-time all the same.

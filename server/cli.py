@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -300,26 +299,15 @@ def keys_create(
     expires_in_days: Annotated[float | None, typer.Option(min=1e-5)] = None,
 ) -> None:
     """Create an API key. The key is shown once, alone on the last line."""
-    key = asyncio.run(create_key(role.value, name or role.value, expires_in_days))
+    key = on_board(lambda board: board.keys.create(role.value, name or role.value, expires_in_days))
     typer.echo(f"created a {role.value} key; it is shown only now, store it safely:")
     typer.echo(key)
-
-
-async def create_key(role: str, name: str, expires_in_days: float | None) -> str:
-    from server.auth import hash_key, new_key
-
-    key = new_key()
-    expires = None
-    if expires_in_days is not None:
-        expires = datetime.now(UTC) + timedelta(days=expires_in_days)
-    await on_board(lambda board: board.create_key(name, role, hash_key(key), key[:10], expires))
-    return key
 
 
 @keys_app.command("list")
 def keys_list() -> None:
     """List API keys (never the keys themselves: only their first characters)."""
-    rows = asyncio.run(on_board(lambda board: board.list_keys()))
+    rows = on_board(lambda board: board.keys.list())
     typer.echo(f"{'id':36}  {'prefix':10}  {'role':6}  {'state':8}  name")
     for row in rows:
         state = "revoked" if row["revoked_at"] else "expired" if row["expired"] else "active"
@@ -335,25 +323,21 @@ def keys_revoke(
     ],
 ) -> None:
     """Revoke an API key; servers refuse it within a few seconds."""
-    from server.auth import CACHE_SECONDS, hash_key
+    from server.auth import CACHE_SECONDS
 
-    revoked = asyncio.run(on_board(lambda board: board.revoke_key(key, hash_key(key))))
+    revoked = on_board(lambda board: board.keys.revoke(key))
     if not revoked:
         raise typer.Exit(f"no active key matches {key[:10]!r}; see 'scribefarm keys list'")
     typer.echo(f"revoked {revoked}; servers refuse it within {CACHE_SECONDS:g} s")
 
 
-async def on_board(action):
+def on_board(action):
     """Runs `action(board)` against the board's database (migrated first)."""
-    from server import db
-    from server.board import Board, init_connection
+    from server.board import connected
     from server.settings import Settings
 
-    settings = Settings()
-    url = db.database_url(settings)
-    await asyncio.to_thread(db.migrate, url)
-    pool = await db.create_pool(url, 1, init_connection)
-    try:
-        return await action(Board(pool, settings))
-    finally:
-        await pool.close()
+    async def run():
+        async with connected(Settings()) as board:
+            return await action(board)
+
+    return asyncio.run(run())

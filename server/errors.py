@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.board.errors import BoardError, Conflict, Invalid, NotFound, OverLimit, text_refused
 from server.protocol import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,22 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# The one place the board's refusals become HTTP statuses.
+BOARD_STATUS: dict[type[BoardError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    Invalid: 422,
+    OverLimit: 429,
+}
+
+
+def as_api_error(exc: ApiError | BoardError) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return ApiError(BOARD_STATUS[type(exc)], exc.code, exc.message, headers)
+
+
 def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
@@ -102,12 +119,6 @@ def error_response(status: int, code: str, message: str, headers=None) -> JSONRe
 # PostgreSQL's text and jsonb cannot hold NUL (U+0000): asyncpg raises these when a
 # request's text carries one, wherever it was going to be stored. It is bad input.
 TEXT_REFUSED = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
-
-
-def text_refused() -> ApiError:
-    return ApiError(
-        422, "invalid_text", "text may not contain NUL characters (\\u0000); remove them"
-    )
 
 
 # While PostgreSQL is down or restarting, requests answer 503 with Retry-After (what
@@ -138,16 +149,19 @@ def describe_validation(errors: Sequence[Any]) -> str:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    async def api_error(_: Request, exc: Exception):
+        error = as_api_error(exc)
+        return error_response(error.status, error.code, error.message, error.headers)
+
+    for kind in (ApiError, BoardError):
+        app.add_exception_handler(kind, api_error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
         return error_response(422, "invalid_request", describe_validation(exc.errors()))
 
     async def refused_text(_: Request, exc: Exception):
-        error = text_refused()
+        error = as_api_error(text_refused())
         return error_response(error.status, error.code, error.message)
 
     for refused in TEXT_REFUSED:

@@ -25,16 +25,19 @@ def local_keys(settings: Settings) -> dict[str, str]:
     path = settings.data_dir / "local-keys.json"
     if path.exists():
         return json.loads(path.read_text())
-    from server.cli import create_key
-
-    keys = {
-        role: asyncio.run(create_key(role, f"local {role}", None)) for role in ("admin", "worker")
-    }
+    keys = asyncio.run(create_keys(settings, ("admin", "worker")))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(keys, f)
     return keys
+
+
+async def create_keys(settings: Settings, roles: tuple[str, ...]) -> dict[str, str]:
+    from server.board import connected
+
+    async with connected(settings) as board:
+        return {role: await board.keys.create(role, f"local {role}", None) for role in roles}
 
 
 def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:

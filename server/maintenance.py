@@ -21,11 +21,11 @@ async def poll(board: Board, doorbell: Doorbell, every_seconds: float) -> None:
     while True:
         await asyncio.sleep(every_seconds)
         try:
-            await board.refresh_statistics()
-            if await board.rescue_exhausted():
+            await board.fanout.refresh_statistics()
+            if await board.queue.rescue_exhausted():
                 log.info("jobs whose last lease expired were marked dead")
             if doorbell.waiting:
-                doorbell.ring(await board.count_claimable(doorbell.waiting))
+                doorbell.ring(await board.queue.count_claimable(doorbell.waiting))
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("board poll failed, trying again: %s", exc)
 
@@ -36,7 +36,7 @@ async def expire(board: Board, storage: Storage, max_age_seconds: float) -> None
     every_seconds = min(600.0, max(1.0, max_age_seconds / 10))
     while True:
         try:
-            while keys := await board.expire(max_age_seconds):
+            while keys := await board.transcriptions.expire(max_age_seconds):
                 for key in keys:
                     await storage.delete(key)
         except (OSError, asyncpg.PostgresError) as exc:

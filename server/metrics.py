@@ -2,9 +2,9 @@
 
 Two kinds. The board's state (queue depth and queued audio by job kind and state,
 leases, live workers, × realtime per model, webhook failures) is shared by every server
-process, so it is read from the database at each scrape, in one statement
-(board.METRICS), and exposed as gauges. What one process sees happen (job durations at
-completion, the autoscaler's decisions) lives in this process's registry.
+process, so it is read from the database at each scrape, in one statement (METRICS in
+server/board/reads.py), and exposed as gauges. What one process sees happen (job
+durations at completion, the autoscaler's decisions) lives in this process's registry.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def gauge(
 
 
 def board_families(row: Any) -> list[GaugeMetricFamily]:
-    """One scrape's board.METRICS row as metric families."""
+    """One scrape's METRICS row (server/board/reads.py) as metric families."""
     groups = [([g["kind"], g["state"]], g) for g in row["jobs"]]
     return [
         gauge(

@@ -1,7 +1,7 @@
 """The board's schema as SQLModel tables.
 
 The schema changes only through Alembic migrations (migrations/versions); a test
-checks the migrations produce exactly this schema. Queries live in server/board.py.
+checks the migrations produce exactly this schema. Queries live in server/board/.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ the very transaction that finishes a transcription (succeeded, failed or cancele
 whichever statement: the merge, a dead job, a cancel) and NOTIFYs `scribefarm_finished`.
 So a webhook is queued exactly when a transcription really finished, and never for a
 change that rolled back. This module is the outbox's sender; its SQL lives here with
-it, as board.py holds the job board's. Every server process runs one sender; several
-share the work through FOR UPDATE SKIP LOCKED.
+it, as server/board/ holds the job board's. Every server process runs one sender;
+several share the work through FOR UPDATE SKIP LOCKED.
 
 One attempt, with no transaction open during the HTTP request:
 1. claim (CLAIM_DUE): one statement takes due rows and pushes their next_attempt_at

@@ -56,6 +56,6 @@ async def board_metrics(request: Request, max_age: float) -> Any:
     lock, cached = state.metrics_cache
     async with lock:  # concurrent scrapes wait for the one query
         if cached[1] is None or time.monotonic() - cached[0] >= max_age:
-            cached[1] = await state.board.metrics(metrics.SPEED_WINDOW_SECONDS)
+            cached[1] = await state.board.reads.metrics(metrics.SPEED_WINDOW_SECONDS)
             cached[0] = time.monotonic()
         return cached[1]

@@ -35,7 +35,14 @@ from pydantic import BaseModel, Field, ValidationError
 from server import transcripts
 from server.api.transcriptions import submit_upload
 from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
-from server.errors import TEXT_REFUSED, ApiError, describe_validation, error_responses, text_refused
+from server.board.errors import BoardError, text_refused
+from server.errors import (
+    TEXT_REFUSED,
+    ApiError,
+    as_api_error,
+    describe_validation,
+    error_responses,
+)
 from server.notifications import Notifications
 from server.protocol import TranscriptionOptions
 from server.uploads import Upload
@@ -124,7 +131,8 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except OpenAIError as exc:
                 return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
-            except ApiError as exc:
+            except (ApiError, BoardError) as refused:
+                exc = as_api_error(refused)
                 # OpenAI answers invalid requests with 400, where scribefarm says 422.
                 status = 400 if exc.status == 422 else exc.status
                 param = PARAMS.get(exc.code)
@@ -133,8 +141,8 @@ class OpenAIRoute(APIRoute):
                 message = describe_validation(exc.errors())
                 return error_response(400, "invalid_request", message, None, None)
             except TEXT_REFUSED:  # a NUL in a form field: an invalid value, as OpenAI says
-                refused = text_refused()
-                return error_response(400, refused.code, refused.message, None, None)
+                invalid = text_refused()
+                return error_response(400, invalid.code, invalid.message, None, None)
 
         return handle
 
@@ -192,7 +200,7 @@ async def wait_until_finished(request: Request, transcription_id: UUID, caller: 
     try:
         while True:
             with waiter.watch(transcription_id) as event:
-                row = await state.board.get(transcription_id, caller.owner_filter)
+                row = await state.board.transcriptions.get(transcription_id, caller.owner_filter)
                 if row["state"] in FINISHED_STATES:
                     return row
                 remaining = deadline - loop.time()
@@ -434,7 +442,7 @@ async def create_transcription(request: Request, caller: Submitter) -> Response:
         reason = f": {row['error']}" if row["error"] else ""
         message = f"transcription {transcription_id} {what}{reason}"
         raise OpenAIError(422, f"transcription_{row['state']}", message, headers=headers)
-    document = await request.app.state.board.transcript_document(
+    document = await request.app.state.board.transcriptions.transcript_document(
         transcription_id, caller.owner_filter
     )
     return answer(document, parsed, headers)

@@ -97,7 +97,7 @@ async def submit_upload(
     state = request.app.state
     limited = caller.role != "admin"
     if limited:  # before the upload streams in, not after
-        await state.board.check_limits(caller.key_id)
+        await state.board.transcriptions.check_limits(caller.key_id)
     transcription_id = uuid4()
     key = f"sources/{transcription_id}"
     upload, digest = Upload(), hashlib.sha256()
@@ -112,7 +112,7 @@ async def submit_upload(
         await check_options(request, options)
         check_priority(request, caller, options)
         model = options.model or state.settings.default_model
-        await state.board.submit(
+        await state.board.transcriptions.submit(
             owner=caller.key_id,
             transcription_id=transcription_id,
             filename=upload.filename,
@@ -127,7 +127,7 @@ async def submit_upload(
     except BaseException:
         await state.storage.delete(key)
         raise
-    return await state.board.get(transcription_id, None)
+    return await state.board.transcriptions.get(transcription_id, None)
 
 
 async def submit_url(
@@ -138,7 +138,7 @@ async def submit_url(
     state = request.app.state
     limited = caller.role != "admin"
     if limited:  # before the URL is probed, not after
-        await state.board.check_limits(caller.key_id)
+        await state.board.transcriptions.check_limits(caller.key_id)
     source = await (read_source or json_source)(request)
     await check_options(request, source)
     check_priority(request, caller, source)
@@ -147,7 +147,7 @@ async def submit_url(
         await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
     options = TranscriptionOptions.model_validate(source.model_dump(exclude={"url"}))
     transcription_id = uuid4()
-    await state.board.submit(
+    await state.board.transcriptions.submit(
         owner=caller.key_id,
         transcription_id=transcription_id,
         filename=urlsplit(url).path.rsplit("/", 1)[-1] or None,
@@ -159,7 +159,7 @@ async def submit_url(
         dedup_key=None,  # the content behind a URL can change
         limited=limited,
     )
-    return await state.board.get(transcription_id, None)
+    return await state.board.transcriptions.get(transcription_id, None)
 
 
 async def json_source(request: Request) -> UrlSource:
@@ -216,7 +216,7 @@ async def check_model(request: Request, model: str | None) -> None:
     settings = request.app.state.settings
     if model is None or model == settings.default_model or model in settings.models:
         return
-    served = await request.app.state.board.served_models()
+    served = await request.app.state.board.reads.served_models()
     if model in served:
         return
     offered = ", ".join(sorted({settings.default_model, *settings.models, *served})[:20])
@@ -270,7 +270,7 @@ async def list_transcriptions(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> TranscriptionPage:
-    rows = await request.app.state.board.list(
+    rows = await request.app.state.board.transcriptions.list(
         caller.owner_filter, state, decode_cursor(cursor), limit + 1
     )
     page = rows[:limit]
@@ -285,7 +285,7 @@ async def list_transcriptions(
 async def get_transcription(
     request: Request, transcription_id: UUID, caller: Submitter
 ) -> Transcription:
-    row = await request.app.state.board.get(transcription_id, caller.owner_filter)
+    row = await request.app.state.board.transcriptions.get(transcription_id, caller.owner_filter)
     return transcription_view(row)
 
 
@@ -296,8 +296,8 @@ async def get_transcription(
 )
 async def cancel(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:
     board = request.app.state.board
-    await board.cancel(transcription_id, caller.owner_filter)
-    return transcription_view(await board.get(transcription_id, caller.owner_filter))
+    await board.transcriptions.cancel(transcription_id, caller.owner_filter)
+    return transcription_view(await board.transcriptions.get(transcription_id, caller.owner_filter))
 
 
 @router.post(
@@ -315,8 +315,8 @@ async def cancel(request: Request, transcription_id: UUID, caller: Submitter) ->
 )
 async def retry(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:
     board = request.app.state.board
-    await board.retry_transcription(transcription_id, caller.owner_filter)
-    return transcription_view(await board.get(transcription_id, caller.owner_filter))
+    await board.transcriptions.retry(transcription_id, caller.owner_filter)
+    return transcription_view(await board.transcriptions.get(transcription_id, caller.owner_filter))
 
 
 @router.delete("/{transcription_id}", status_code=204, responses=error_responses(404))
@@ -324,7 +324,7 @@ async def delete(request: Request, transcription_id: UUID, caller: Submitter) ->
     """Deletes the transcription, its transcript and its stored media (canceling it
     first when it is still running)."""
     state = request.app.state
-    for key in await state.board.delete(transcription_id, caller.owner_filter):
+    for key in await state.board.transcriptions.delete(transcription_id, caller.owner_filter):
         await state.storage.delete(key)
     return Response(status_code=204)
 
@@ -344,7 +344,7 @@ async def get_transcript(
     format: TranscriptFormat = "json",
 ) -> Response:
     board = request.app.state.board
-    row = await board.transcript(transcription_id, caller.owner_filter)
+    row = await board.transcriptions.transcript(transcription_id, caller.owner_filter)
     suffix = "json" if format == "verbose_json" else format
     disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{suffix}"'}
     storage = request.app.state.storage
@@ -354,7 +354,7 @@ async def get_transcript(
         stream = storage.read(row["transcript_key"])
         headers = {**disposition, "Content-Length": str(row["transcript_bytes"])}
         return StreamingResponse(stream, media_type="application/json", headers=headers)
-    document = await board.document(row)
+    document = await board.transcriptions.document(row)
     if format == "json":
         return JSONResponse(document, headers=disposition)
     return Response(

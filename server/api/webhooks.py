@@ -53,6 +53,6 @@ async def list_webhook_deliveries(
     request: Request, transcription_id: UUID, caller: Submitter
 ) -> WebhookDeliveries:
     board = request.app.state.board
-    await board.get(transcription_id, caller.owner_filter)  # 404 unless the caller's
+    await board.transcriptions.get(transcription_id, caller.owner_filter)  # 404 unless the caller's
     rows = await webhooks.deliveries(board.pool, transcription_id)
     return WebhookDeliveries(items=[WebhookDelivery.model_validate(dict(r)) for r in rows])

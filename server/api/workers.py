@@ -79,7 +79,7 @@ LEASE_ERRORS = error_responses(
 )
 async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey) -> Registration:
     state = request.app.state
-    worker_id = await state.board.register_worker(caller.key_id, caps.model_dump())
+    worker_id = await state.board.queue.register_worker(caller.key_id, caps.model_dump())
     lease = state.settings.lease_seconds
     return Registration(worker_id=worker_id, lease_seconds=lease, heartbeat_seconds=lease / 3)
 
@@ -100,7 +100,7 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
     deadline = loop.time() + min(body.wait_seconds, state.settings.worker_gone_seconds / 2)
 
     def claim_now():
-        return state.board.claim(
+        return state.board.queue.claim(
             body.worker_id,
             caller.key_id,
             body.max_jobs,
@@ -172,7 +172,7 @@ async def cache_lookup(request: Request, body: CacheLookup, caller: WorkerKey) -
     """Earlier results for chunks with the same audio, model and options: the worker
     reuses them instead of running the model."""
     board = request.app.state.board
-    return CacheHits(results=await board.cached_chunks(body.keys, body.job_ids, caller.key_id))
+    return CacheHits(results=await board.cache.lookup(body.keys, body.job_ids, caller.key_id))
 
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=LeaseResponse, responses=LEASE_ERRORS)
@@ -180,7 +180,7 @@ async def heartbeat(
     request: Request, job_id: UUID, body: LeaseRequest, caller: WorkerKey
 ) -> LeaseResponse:
     state = request.app.state
-    expires = await state.board.heartbeat(job_id, body.lease_id, state.settings.lease_seconds)
+    expires = await state.board.queue.heartbeat(job_id, body.lease_id, state.settings.lease_seconds)
     return LeaseResponse(lease_expires_at=expires)
 
 
@@ -190,7 +190,7 @@ async def complete(
 ) -> JobOutcome:
     """Records the result. A chunk job's plan fans out into transcribe jobs; the last
     transcribe job to finish merges the transcript, in the same transaction."""
-    state = await request.app.state.board.complete(job_id, body.lease_id, body.result)
+    state = await request.app.state.board.queue.complete(job_id, body.lease_id, body.result)
     return JobOutcome(state=state)
 
 
@@ -202,7 +202,7 @@ async def settle(
     change: their transcribe jobs are queued at once, so other workers start on a long
     file while it is being planned. Its completion's plan holds them again; each chunk
     is queued once."""
-    await request.app.state.board.settle(job_id, body.lease_id, body.chunks)
+    await request.app.state.board.queue.settle(job_id, body.lease_id, body.chunks)
     return JobOutcome(state="leased")
 
 
@@ -210,7 +210,7 @@ async def settle(
 async def fail(request: Request, job_id: UUID, body: FailRequest, caller: WorkerKey) -> JobOutcome:
     """Retried with exponential backoff until its attempts run out; `permanent` errors
     (a file that is not media) fail the transcription at once."""
-    state, run_after = await request.app.state.board.fail(
+    state, run_after = await request.app.state.board.queue.fail(
         job_id, body.lease_id, body.error, body.permanent
     )
     return JobOutcome(state=state, run_after=run_after)
@@ -221,5 +221,5 @@ async def release(
     request: Request, job_id: UUID, body: LeaseRequest, caller: WorkerKey
 ) -> JobOutcome:
     """Gives a job back untouched (a worker shutting down); the attempt does not count."""
-    await request.app.state.board.release(job_id, body.lease_id)
+    await request.app.state.board.queue.release(job_id, body.lease_id)
     return JobOutcome(state="queued")

@@ -1,8 +1,8 @@
 """The autoscaler, built into the server and off by default (SCRIBEFARM_AUTOSCALER).
 
 Every SCRIBEFARM_AUTOSCALER_INTERVAL_SECONDS it reads the queue (one statement,
-board.AUTOSCALER_QUEUE), asks the policy how many workers that needs (policy.py), and
-has its provider start the missing ones: `local` starts worker processes on this
+AUTOSCALER_QUEUE in server/board/reads.py), asks the policy how many workers that needs
+(policy.py), and has its provider start the missing ones: `local` starts worker processes on this
 machine, `fly` starts or creates Fly Machines. It never stops a worker to scale down:
 the workers it starts exit by themselves after SCRIBEFARM_AUTOSCALER_IDLE_SECONDS
 without work, which is how the pool returns to zero. Only when the board has had
@@ -20,7 +20,7 @@ from typing import Protocol
 
 from server import metrics
 from server.autoscaler.policy import QueueState, desired_workers
-from server.board import Board
+from server.board.reads import ReadModels
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,12 @@ class Provider(Protocol):
 class Autoscaler:
     def __init__(
         self,
-        board: Board,
+        reads: ReadModels,
         provider: Provider,
         settings: Settings,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.board = board
+        self.reads = reads
         self.provider = provider
         self.settings = settings
         self.clock = clock
@@ -69,7 +69,7 @@ class Autoscaler:
         """One tick: returns the number of workers wanted."""
         # The workers it starts run the default model: jobs for other models (GPU
         # workers' larger ones, say) are not theirs to drain.
-        row = await self.board.queue_state(
+        row = await self.reads.queue_state(
             metrics.SPEED_WINDOW_SECONDS, self.settings.default_model
         )
         state = QueueState(**dict(row))
@@ -109,10 +109,10 @@ class Autoscaler:
             self.idle_since = None
 
 
-def from_settings(board: Board, settings: Settings) -> Autoscaler | None:
+def from_settings(reads: ReadModels, settings: Settings) -> Autoscaler | None:
     if settings.autoscaler == "off":
         return None
-    return Autoscaler(board, open_provider(settings), settings)
+    return Autoscaler(reads, open_provider(settings), settings)
 
 
 def open_provider(settings: Settings) -> Provider:

@@ -20,6 +20,7 @@ from uuid import UUID
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from server.board.errors import BoardError
 from server.dashboard.pages import CurrentViewer, HtmlErrors
 from server.dashboard.screens import SCREENS, Screen, render_fragments
 from server.dashboard.session import SignInRequired, Viewer
@@ -113,7 +114,7 @@ async def stream(
             if await state.dashboard.keys.usable(state.board, viewer.key_id) is None:
                 raise SignInRequired()
             context = await screen.load(request, viewer, params, memo)
-        except ApiError:
+        except (ApiError, BoardError):
             yield "event: reload\ndata: {}\n\n"
             return
         context |= {"viewer": viewer, "csrf": state.dashboard.signer.csrf_token(viewer.session)}

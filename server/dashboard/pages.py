@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.routing import APIRoute
 
 from server.api import transcriptions as api
+from server.board.errors import BoardError
 from server.dashboard.screens import SCREENS, templates
 from server.dashboard.session import (
     COOKIE,
@@ -26,7 +27,7 @@ from server.dashboard.session import (
     set_cookie,
     small_form,
 )
-from server.errors import ApiError
+from server.errors import ApiError, as_api_error
 from server.protocol import TranscriptFormat
 
 SECURITY_HEADERS = {
@@ -50,13 +51,14 @@ class HtmlErrors(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as exc:
+            except (ApiError, BoardError) as exc:
                 if "text/html" not in request.headers.get("accept", ""):
                     raise
                 if isinstance(exc, SignInRequired):
                     target = "/signin?" + urlencode({"next": request.url.path})
                     return RedirectResponse(target, 303)
-                return render(request, "error.html", {"error": exc}, status=exc.status)
+                error = as_api_error(exc)
+                return render(request, "error.html", {"error": error}, status=error.status)
 
         return handle
 
@@ -183,14 +185,14 @@ async def submit_url(request: Request, viewer: CurrentViewer) -> Response:
 @router.post("/transcriptions/{transcription_id}/cancel")
 async def cancel(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
-    await request.app.state.board.cancel(transcription_id, viewer.owner_filter)
+    await request.app.state.board.transcriptions.cancel(transcription_id, viewer.owner_filter)
     return RedirectResponse(safe_next((await small_form(request)).get("next")), 303)
 
 
 @router.post("/transcriptions/{transcription_id}/retry")
 async def retry(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
-    await request.app.state.board.retry_transcription(transcription_id, viewer.owner_filter)
+    await request.app.state.board.transcriptions.retry(transcription_id, viewer.owner_filter)
     return RedirectResponse(safe_next((await small_form(request)).get("next")), 303)
 
 
@@ -209,7 +211,7 @@ async def media(request: Request, transcription_id: UUID, viewer: CurrentViewer)
     """The source, for the page's audio player: a short-lived signed link to storage, or
     the URL it was submitted from."""
     state = request.app.state
-    row = await state.board.dashboard_transcription(transcription_id, viewer.owner_filter)
+    row = await state.board.reads.transcription(transcription_id, viewer.owner_filter)
     if row["source_url"]:
         return RedirectResponse(row["source_url"], 307)
     base_url = str(request.base_url).rstrip("/")
@@ -235,5 +237,5 @@ async def requeue(request: Request, job_id: UUID, viewer: CurrentViewer) -> Resp
     await check_csrf(request, viewer.session)
     if not viewer.is_admin:
         raise ApiError(403, "forbidden", "only admin keys can requeue jobs")
-    await request.app.state.board.requeue_dead_job(job_id)
+    await request.app.state.board.transcriptions.requeue_dead_job(job_id)
     return RedirectResponse("/board", 303)

@@ -59,7 +59,7 @@ async def load_transcriptions(
         raise ApiError(422, "invalid_request", f"state: one of {', '.join(STATES)}")
     search = (params.get("q") or "").strip()[:200]
     cursor = params.get("cursor") or None
-    rows = await request.app.state.board.dashboard_transcriptions(
+    rows = await request.app.state.board.reads.transcriptions(
         viewer.owner_filter,
         state,
         like_escaped(search) or None,
@@ -88,7 +88,7 @@ async def load_transcription(
     except ValueError as exc:
         raise ApiError(404, "not_found", "no such transcription") from exc
     board = request.app.state.board
-    row = await board.dashboard_transcription(transcription_id, viewer.owner_filter)
+    row = await board.reads.transcription(transcription_id, viewer.owner_filter)
     planning, chunks = views.chunk_views(row)
     return {
         "here": f"/transcriptions/{transcription_id}",
@@ -107,10 +107,10 @@ async def transcript_segments(board: Any, row: Any, memo: dict[str, Any]) -> lis
     version = (row["state"], row["jobs_done"])
     if memo.get("version") != version:
         if row["state"] == "succeeded":
-            document = await board.transcript_document(row["id"], None)
+            document = await board.transcriptions.transcript_document(row["id"], None)
             segments = document["segments"]
         else:
-            segments = views.live_segments(await board.chunk_results(row["id"]))
+            segments = views.live_segments(await board.reads.chunk_results(row["id"]))
         memo.update(version=version, segments=segments)
     return memo["segments"]
 
@@ -119,7 +119,7 @@ async def load_workers(
     request: Request, viewer: Viewer, params: Mapping[str, str], memo: dict[str, Any]
 ) -> dict[str, Any]:
     state = request.app.state
-    rows = await state.board.dashboard_workers(WORKERS_SHOWN_SECONDS, THROUGHPUT_SECONDS)
+    rows = await state.board.reads.workers(WORKERS_SHOWN_SECONDS, THROUGHPUT_SECONDS)
     gone = state.settings.worker_gone_seconds
     workers = [views.WorkerView(row, gone) for row in rows]
     return {
@@ -132,7 +132,7 @@ async def load_workers(
 async def load_board(
     request: Request, viewer: Viewer, params: Mapping[str, str], memo: dict[str, Any]
 ) -> dict[str, Any]:
-    row = await request.app.state.board.dashboard_board(HISTORY_MINUTES, DEAD_JOBS_SHOWN)
+    row = await request.app.state.board.reads.board(HISTORY_MINUTES, DEAD_JOBS_SHOWN)
     audio, depth = views.history_charts(row["history"])
     return {
         "counts": views.job_counts(row["counts"]),

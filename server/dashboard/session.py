@@ -120,7 +120,7 @@ class SessionKeys:
         hit = self._entries.get(key_id)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        row = await board.find_key_by_id(key_id)
+        row = await board.keys.find_by_id(key_id)
         info = None
         if row and not row["revoked"] and not row["expired"] and row["role"] in DASHBOARD_ROLES:
             info = KeyInfo(row["role"], row["name"], row["prefix"])

@@ -9,7 +9,8 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import board, db
+from server import db
+from server.board import reads
 from tests.farm import chunk_plan, chunk_transcript, create_database, sql, submit
 
 
@@ -125,8 +126,8 @@ def test_the_autoscaler_and_keda_queries_read_the_queue(postgres_url):
         )
 
     # KEDA: unfinished transcribe audio (queued or in progress) + 60 s per chunk job.
-    assert sql(url, board.KEDA_QUEUE_DEPTH)[0]["ceil"] == 30 + 10 + 15 + 100 + 60
-    [state] = sql(url, board.AUTOSCALER_QUEUE, 600.0, "tiny.en")
+    assert sql(url, reads.KEDA_QUEUE_DEPTH)[0]["ceil"] == 30 + 10 + 15 + 100 + 60
+    [state] = sql(url, reads.AUTOSCALER_QUEUE, 600.0, "tiny.en")
     assert state["queued_jobs"] == 3  # the chunk, the queued one, the one whose lease expired
     assert state["queued_audio_seconds"] == 30 + 15
     assert state["leased_jobs"] == 1
@@ -135,7 +136,7 @@ def test_the_autoscaler_and_keda_queries_read_the_queue(postgres_url):
     assert state["recent_busy_seconds"] == pytest.approx(40, abs=1)
     # The autoscaler counts what workers of its model can run: the chunk job, and the
     # large-v3 one only for large-v3 workers.
-    [state] = sql(url, board.AUTOSCALER_QUEUE, 600.0, "large-v3")
+    [state] = sql(url, reads.AUTOSCALER_QUEUE, 600.0, "large-v3")
     assert (state["queued_jobs"], state["queued_audio_seconds"]) == (2, 100)
 
 

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import server.models  # noqa: F401
-from server import board, db
+from server import db
+from server.board import queue
 from tests.farm import create_database, sql
 
 
@@ -70,7 +71,7 @@ def test_claim_query_walks_the_claimable_index(postgres_url):
     plan = sql(
         url,
         "EXPLAIN "
-        + board.CLAIM.replace("$1", f"'{worker}'::uuid")
+        + queue.CLAIM.replace("$1", f"'{worker}'::uuid")
         .replace("$2", f"'{key}'::uuid")
         .replace("$3", "10")
         .replace("$4", "30")

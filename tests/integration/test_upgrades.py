@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from server import db
-from server.auth import hash_key, new_key
+from server.board.keys import hash_key, new_key
 from server.protocol import PROTOCOL_VERSION
 from tests.farm import ProtocolWorker, Server, chunk_transcript, create_database, sql
 

@@ -18,9 +18,9 @@ import jsonschema
 import pytest
 import yaml
 
-from server import board
 from server.api import health
 from server.api import metrics as metrics_api
+from server.board import reads
 
 ROOT = Path(__file__).parents[2]
 SCHEMAS = ROOT / "tests" / "schemas"
@@ -205,7 +205,7 @@ def test_keda_scales_the_worker_deployment_from_zero_on_the_boards_queue_query()
     assert spec["minReplicaCount"] == 0
     [trigger] = spec["triggers"]
     assert trigger["type"] == "postgresql"
-    assert normalised(trigger["metadata"]["query"]) == normalised(board.KEDA_QUEUE_DEPTH)
+    assert normalised(trigger["metadata"]["query"]) == normalised(reads.KEDA_QUEUE_DEPTH)
     assert trigger["authenticationRef"]["name"] == keda["TriggerAuthentication"]["metadata"]["name"]
 
 

@@ -1,0 +1,165 @@
+"""Fan-out and fan-in: a chunk job's plan becomes transcribe jobs (queued as chunks
+settle, and with its completion), and the last transcribe job to finish merges the
+transcript. Each runs inside its caller's transaction, under the transcription's lock."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import asyncpg
+
+from server import transcripts
+from server.board import cache
+from server.board.locks import notify_jobs
+from server.board.transcriptions import Transcriptions
+from server.protocol import ChunkPlan, ChunkSpan, ChunkTranscript
+from server.settings import Settings
+
+# Fan-out: one transcribe job per planned chunk, inserted as the chunk job reports
+# settled chunks and with its completion (whose plan holds them all). A chunk is the
+# same whoever plans it, so ix_jobs_transcription (transcription_id, seq), unique,
+# queues each once. The speech spans come as one JSON array, one entry per chunk (a
+# list of lists would be taken for a multi-dimensional SQL array). Returns how many
+# were new.
+INSERT_TRANSCRIBE_JOBS = """
+WITH inserted AS (
+    INSERT INTO jobs (transcription_id, kind, state, seq, model, priority, submitted_at,
+                      start_seconds, end_seconds, speech, max_attempts)
+    SELECT t.id, 'transcribe', 'queued', s.seq, t.model, t.priority, t.created_at,
+           s.start_seconds, s.end_seconds, nullif($5::jsonb -> (s.n - 1)::int, 'null'), $6
+    FROM transcriptions t,
+         unnest($2::int[], $3::float8[], $4::float8[]) WITH ORDINALITY
+             AS s(seq, start_seconds, end_seconds, n)
+    WHERE t.id = $1
+    ON CONFLICT (transcription_id, seq) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""
+
+# Primary key lookup. While planning goes on, jobs_total counts the chunks queued so
+# far and duration_seconds stays NULL: a transcription is merged only once its plan is
+# complete (PLANNED) and every job is done.
+SETTLED = """
+UPDATE transcriptions
+SET jobs_total = jobs_total + $2, state = 'running', started_at = coalesce(started_at, now())
+WHERE id = $1
+"""
+
+# Primary key lookup. Returns the counts: transcribe jobs of settled chunks may all be
+# done before the plan is.
+PLANNED = """
+UPDATE transcriptions
+SET duration_seconds = $2, jobs_total = $3, detected_language = $4, state = 'running',
+    started_at = coalesce(started_at, now())
+WHERE id = $1 AND state IN ('queued', 'running')
+RETURNING jobs_done, jobs_total, duration_seconds
+"""
+
+# Fan-in, under the transcription's lock (taken first), which serialises concurrent
+# completions: exactly one of them sees jobs_done reach jobs_total. One statement, so
+# the lock is held for one round trip. Primary key lookups.
+COUNT_DONE = """
+WITH stats AS (
+    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $3,
+                       busy_seconds = busy_seconds + $4, last_seen_at = now()
+    WHERE id = $2 AND NOT $5
+)
+UPDATE transcriptions
+SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $3
+WHERE id = $1 AND state = 'running'
+RETURNING jobs_done, jobs_total, duration_seconds
+"""
+
+# Uses ix_jobs_transcription.
+CHUNK_RESULTS = """
+SELECT start_seconds, end_seconds, result FROM jobs
+WHERE transcription_id = $1 AND kind = 'transcribe'
+ORDER BY seq
+"""
+
+
+class FanOut:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, transcriptions: Transcriptions):
+        self.pool = pool
+        self.settings = settings
+        self.transcriptions = transcriptions
+        self.jobs_added = 0  # since the last ANALYZE, by this process
+
+    async def settled(
+        self, conn: asyncpg.Connection, transcription_id: UUID, chunks: list[ChunkSpan]
+    ):
+        """Chunks a chunk job settled while still planning: their jobs are queued now."""
+        added = await self._insert(conn, transcription_id, chunks)
+        await conn.execute(SETTLED, transcription_id, added)
+
+    async def planned(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
+        limit = self.settings.max_audio_seconds
+        if plan.duration_seconds > limit:
+            reason = (
+                f"the audio is {plan.duration_seconds / 3600:.2f} h long; the limit is "
+                f"{limit / 3600:.2f} h (SCRIBEFARM_MAX_AUDIO_SECONDS). Split the recording."
+            )
+            await conn.execute(PLANNED, transcription_id, plan.duration_seconds, 0, None)
+            await self.transcriptions.fail(conn, transcription_id, reason)
+            return
+        await self._insert(conn, transcription_id, plan.chunks)
+        counts = await conn.fetchrow(
+            PLANNED, transcription_id, plan.duration_seconds, len(plan.chunks), plan.language
+        )
+        await self._merge_when_done(conn, transcription_id, counts)
+
+    async def transcribed(
+        self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript
+    ) -> None:
+        counts = await conn.fetchrow(
+            COUNT_DONE,
+            job["transcription_id"],
+            job["worker_id"],
+            result.audio_seconds,
+            result.processing_seconds,
+            result.cached,
+        )
+        if result.cache_key and not result.cached:
+            await cache.store(conn, job, result)
+        await self._merge_when_done(conn, job["transcription_id"], counts)
+
+    async def refresh_statistics(self, threshold: int = 1000) -> None:
+        """A large fan-out between autovacuum's visits leaves the planner thinking the
+        queue is tiny, and the claim query then sorts the whole queue instead of walking
+        ix_jobs_claimable in order: refresh the statistics once many jobs arrived."""
+        if self.jobs_added >= threshold:
+            self.jobs_added = 0
+            await self.pool.execute("ANALYZE jobs")
+
+    async def _insert(
+        self, conn: asyncpg.Connection, transcription_id: UUID, chunks: list[ChunkSpan]
+    ) -> int:
+        """Queues a transcribe job per chunk not queued yet; returns how many were new."""
+        added = await conn.fetchval(
+            INSERT_TRANSCRIBE_JOBS,
+            transcription_id,
+            [c.index + 1 for c in chunks],
+            [c.start for c in chunks],
+            [c.end for c in chunks],
+            [c.speech for c in chunks],
+            self.settings.max_attempts,
+        )
+        self.jobs_added += added
+        if added:
+            await notify_jobs(conn, added)
+        return added
+
+    async def _merge_when_done(
+        self, conn: asyncpg.Connection, transcription_id: UUID, counts: asyncpg.Record | None
+    ) -> None:
+        """Merges the transcript once the plan is complete (duration known) and every
+        transcribe job is done; a plan of no chunks is an empty transcript, done now."""
+        if counts is None or counts["duration_seconds"] is None:
+            return
+        if counts["jobs_done"] < counts["jobs_total"]:
+            return
+        rows = await conn.fetch(CHUNK_RESULTS, transcription_id)
+        chunks = [(r["start_seconds"], r["end_seconds"], r["result"]) for r in rows]
+        merged = transcripts.merge(chunks, counts["duration_seconds"])
+        await self.transcriptions.succeed(conn, transcription_id, merged)
