@@ -23,6 +23,7 @@ COPY pyproject.toml README.md /src/
 COPY deploy/constraints.txt deploy/fetch_model.py /src/deploy/
 COPY server /src/server
 COPY worker /src/worker
+COPY shared /src/shared
 COPY migrations /src/migrations
 
 # --- Python images (Debian, the Python CI tests with) ----------------------------------

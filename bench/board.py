@@ -37,8 +37,8 @@ import httpx
 import psutil
 
 from bench import common
-from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from server.settings import Settings
+from shared.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from tests.farm import BURST_SETTINGS, free_port, with_database
 
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.board.errors import BoardError, Conflict, Invalid, NotFound, OverLimit, text_refused
-from server.protocol import ErrorBody
+from shared.protocol import ErrorBody
 
 log = logging.getLogger(__name__)
 

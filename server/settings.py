@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.urlguard import Allowlist
+from shared.urlguard import Allowlist
 
 
 def default_data_dir() -> Path:

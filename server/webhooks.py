@@ -12,7 +12,7 @@ One attempt, with no transaction open during the HTTP request:
 1. claim (CLAIM_DUE): one statement takes due rows and pushes their next_attempt_at
    ahead by a lease, so no other sender picks them meanwhile; a sender that dies
    mid-request leaves the row due again once the lease runs out;
-2. check the URL against the allow-list (server.urlguard), on every attempt since DNS
+2. check the URL against the allow-list (shared.urlguard), on every attempt since DNS
    answers change: a refused URL fails the delivery at once;
 3. POST the signed payload (docs/webhooks.md), following no redirects;
 4. record the attempt (RECORD_ATTEMPT), fenced on the lease: a 2xx answer delivers it;
@@ -42,7 +42,7 @@ import httpx
 
 from server.notifications import Notifications
 from server.settings import Settings
-from server.urlguard import UrlRefused, UrlUnreachable, send_pinned
+from shared.urlguard import UrlRefused, UrlUnreachable, send_pinned
 
 log = logging.getLogger(__name__)
 

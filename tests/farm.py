@@ -22,7 +22,7 @@ import httpx
 
 from server.board import init_connection
 from server.local import wait_until_ready
-from server.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
+from shared.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 
 SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
 WORKER_HEADERS = {PROTOCOL_HEADER: PROTOCOL_VERSION}

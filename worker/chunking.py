@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from server.protocol import ChunkPlan, ChunkSpan
+from shared.protocol import ChunkPlan, ChunkSpan
 from worker.audio import SAMPLE_RATE, MediaError, probe_source, stream_audio
 from worker.vad import FRAME, Span, SpeechProbabilities, pack_windows, speech_spans
 

@@ -18,7 +18,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from server.protocol import (
+from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
     CachedChunk,

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from server import urlguard
+from shared import urlguard
 
 READ_SECONDS = 30.0  # a stalled origin: ffmpeg's own read timeout is about as long
 REMEMBERED = 256  # sources a worker may still be reading (a claim's jobs and then some)

@@ -23,8 +23,8 @@ from uuid import UUID
 
 import numpy as np
 
-from server import urlguard
-from server.protocol import (
+from shared import urlguard
+from shared.protocol import (
     CachedChunk,
     ChunkPlan,
     ChunkSpan,

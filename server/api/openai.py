@@ -44,9 +44,9 @@ from server.errors import (
     error_responses,
 )
 from server.notifications import Notifications
-from server.protocol import TranscriptionOptions
 from server.uploads import Upload
 from server.webhooks import FINISHED_CHANNEL
+from shared.protocol import TranscriptionOptions
 
 log = logging.getLogger(__name__)
 

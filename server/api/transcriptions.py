@@ -18,10 +18,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, HttpUrl, ValidationError
 
-from server import transcripts, urlguard
+from server import transcripts
 from server.auth import Caller, allow
 from server.errors import ApiError, describe_validation, error_responses
-from server.protocol import (
+from server.uploads import Upload, file_stream
+from shared import urlguard
+from shared.protocol import (
     Progress,
     TranscriptFormat,
     Transcription,
@@ -29,7 +31,6 @@ from server.protocol import (
     TranscriptionPage,
     TranscriptionState,
 )
-from server.uploads import Upload, file_stream
 
 router = APIRouter(
     prefix="/v1/transcriptions",

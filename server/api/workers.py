@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
 from server.errors import ApiError, error_responses
-from server.protocol import (
+from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
     CacheHits,

@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from server.board.errors import text_refused
-from server.protocol import CachedChunk, ChunkTranscript
+from shared.protocol import CachedChunk, ChunkTranscript
 
 # Primary key lookups. Keys are scoped to an owner (scoped_cache_key).
 CACHE_LOOKUP = "SELECT key, result FROM chunk_cache WHERE key = ANY($1::text[])"

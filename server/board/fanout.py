@@ -12,8 +12,8 @@ from server import transcripts
 from server.board import cache
 from server.board.locks import notify_jobs
 from server.board.transcriptions import Transcriptions
-from server.protocol import ChunkPlan, ChunkSpan, ChunkTranscript
 from server.settings import Settings
+from shared.protocol import ChunkPlan, ChunkSpan, ChunkTranscript
 
 # Fan-out: one transcribe job per planned chunk, inserted as the chunk job reports
 # settled chunks and with its completion (whose plan holds them all). A chunk is the

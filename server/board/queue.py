@@ -14,8 +14,8 @@ from server.board.errors import Conflict, Invalid, NotFound, OverLimit
 from server.board.fanout import FanOut
 from server.board.locks import LOCK_KEY, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
 from server.board.transcriptions import Transcriptions
-from server.protocol import ChunkPlan, ChunkSpan, ChunkTranscript
 from server.settings import Settings
+from shared.protocol import ChunkPlan, ChunkSpan, ChunkTranscript
 
 # A job a worker may take now: queued and due, or leased with its lease run out and
 # attempts left (CLAIM takes those over). ix_jobs_claimable holds exactly the queued and

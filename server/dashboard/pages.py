@@ -28,7 +28,7 @@ from server.dashboard.session import (
     small_form,
 )
 from server.errors import ApiError, as_api_error
-from server.protocol import TranscriptFormat
+from shared.protocol import TranscriptFormat
 
 SECURITY_HEADERS = {
     # Everything is served from here; media may come from a bucket or the user's URL.

@@ -17,7 +17,7 @@ from server.api.transcriptions import decode_cursor, encode_cursor
 from server.dashboard import views
 from server.dashboard.session import Viewer
 from server.errors import ApiError
-from server.protocol import TranscriptionState
+from shared.protocol import TranscriptionState
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.globals.update(clock=views.clock, number=views.number, formats=views.DOWNLOAD_FORMATS)

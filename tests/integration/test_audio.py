@@ -115,7 +115,7 @@ def test_an_hour_is_planned_in_bounded_memory(media):
         check=True,
         cwd=Path(__file__).resolve().parents[2],
     ).stdout.splitlines()
-    from server.protocol import ChunkPlan
+    from shared.protocol import ChunkPlan
 
     plan = ChunkPlan.model_validate_json(out[0])
     python_mb, ffmpeg_mb, seconds = int(out[1]), int(out[2]), float(out[3])

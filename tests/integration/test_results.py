@@ -12,7 +12,7 @@ import pytest
 import srt as srt_parser
 
 from server import transcripts
-from server.protocol import ChunkTranscript, TranscriptionOptions
+from shared.protocol import ChunkTranscript, TranscriptionOptions
 from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit, wait_for
 
 pytestmark = pytest.mark.timeout(300)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from server import urlguard
+from shared import urlguard
 from worker.audio import MediaError, probe_source, read_range, stream_audio
 from worker.egress import Egress
 

@@ -10,7 +10,7 @@ import pytest
 
 from server import db
 from server.board.keys import hash_key, new_key
-from server.protocol import PROTOCOL_VERSION
+from shared.protocol import PROTOCOL_VERSION
 from tests.farm import ProtocolWorker, Server, chunk_transcript, create_database, sql
 
 pytestmark = pytest.mark.timeout(120)

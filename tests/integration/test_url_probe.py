@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server import urlguard
+from shared import urlguard
 from tests.integration.test_ssrf import http_server, send
 
 ALLOW = urlguard.Allowlist.parse(["127.0.0.1/32"])

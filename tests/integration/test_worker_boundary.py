@@ -1,7 +1,7 @@
 """The worker image installs only the `worker` extra: nothing a worker runs may need the
 server's packages (issue 14). A worker process with those packages made unimportable
 imports every worker module and answers `scribefarm worker --help`; one server-only
-import in a module both sides share (server/protocol.py, say) fails this test."""
+import in a module both sides share (shared/protocol.py, say) fails this test."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from server.protocol import ChunkPlan, ClaimedJob
+from shared.protocol import ChunkPlan, ClaimedJob
 from tests.farm import free_port
 from worker.client import BoardClient, BoardError, LeaseLost
 

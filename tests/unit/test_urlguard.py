@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from server import urlguard
+from shared import urlguard
 
 NONE = urlguard.Allowlist.parse([])
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.protocol import Segment
+from shared.protocol import Segment
 
 # The model the farm uses when none is configured, if it ships with the worker.
 DEFAULT_MODEL = "tiny.en"

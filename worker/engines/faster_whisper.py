@@ -46,7 +46,7 @@ from faster_whisper.transcribe import (
 )
 from faster_whisper.transcribe import Word as FwWord
 
-from server.protocol import Segment, Word
+from shared.protocol import Segment, Word
 from worker.audio import SAMPLE_RATE
 from worker.engines import EngineInput, EngineOutput, model_name, resolve_model
 from worker.phrases import TimedWord, group_words, phrase_text

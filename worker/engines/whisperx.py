@@ -52,7 +52,7 @@ with warnings.catch_warnings():
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram  # noqa: E402
     from whisperx.vads import Pyannote  # noqa: E402
 
-from server.protocol import Segment, Word  # noqa: E402
+from shared.protocol import Segment, Word  # noqa: E402
 from worker.audio import SAMPLE_RATE  # noqa: E402
 from worker.engines import EngineInput, EngineOutput, model_name, resolve_model  # noqa: E402
 
