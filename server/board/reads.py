@@ -61,10 +61,12 @@ DASHBOARD_WORKERS = """
 WITH live AS (
     SELECT j.worker_id, count(*) AS n,
            json_agg(json_build_object(
-               'transcription_id', j.transcription_id, 'filename', t.filename, 'kind', j.kind,
-               'seq', j.seq, 'start', j.start_seconds, 'end', j.end_seconds
+               'transcription_id', j.transcription_id, 'kind', j.kind, 'seq', j.seq,
+               'start', j.start_seconds, 'end', j.end_seconds,
+               -- a lookup per live lease, whatever the planner thinks of the table
+               'filename', (SELECT filename FROM transcriptions WHERE id = j.transcription_id)
            ) ORDER BY j.leased_at, j.seq) AS jobs
-    FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+    FROM jobs j
     WHERE j.state = 'leased' AND j.lease_expires_at > now()
     GROUP BY j.worker_id
 ), recent AS (
@@ -111,8 +113,10 @@ WITH open_jobs AS (
     SELECT date_trunc('minute', now()) - make_interval(mins => $1 - 1) AS at
 ), finished AS (
     SELECT kind, state, created_at, finished_at, end_seconds - start_seconds AS seconds
-    FROM jobs, since
-    WHERE finished_at >= since.at AND state IN ('succeeded', 'dead', 'canceled')
+    FROM jobs
+    -- since.at again, written out: a value from another CTE would not reach the index
+    WHERE finished_at >= date_trunc('minute', now()) - make_interval(mins => $1 - 1)
+      AND state IN ('succeeded', 'dead', 'canceled')
 ), events AS (
     SELECT greatest(c.created_at, since.at) AS at, 1 AS delta, 0::float8 AS audio
     FROM (SELECT created_at FROM open_jobs UNION ALL SELECT created_at FROM finished) AS c,

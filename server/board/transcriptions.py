@@ -144,14 +144,17 @@ DELETE FROM transcriptions WHERE id = $1
 RETURNING source_key, transcript_key
 """
 
-# Uses ix_transcriptions_finished; SKIP LOCKED lets servers share the work.
+# Walks ix_transcriptions_finished from the oldest, then deletes by primary key (an
+# array, not IN: a semi-join may hash the whole table). SKIP LOCKED lets servers share
+# the work.
 EXPIRE_TRANSCRIPTIONS = """
-DELETE FROM transcriptions WHERE id IN (
+DELETE FROM transcriptions WHERE id = ANY(ARRAY(
     SELECT id FROM transcriptions
     WHERE finished_at IS NOT NULL AND finished_at < now() - make_interval(secs => $1)
+    ORDER BY finished_at
     LIMIT 100
     FOR UPDATE SKIP LOCKED
-)
+))
 RETURNING source_key, transcript_key
 """
 
