@@ -17,38 +17,50 @@ from server.api import webhooks as webhooks_api
 from server.auth import KeyCache, RoleCheck
 from server.board import JOBS_CHANNEL, Board, init_connection
 from server.bodylimit import BodyLimit
+from server.dashboard import DashboardState
+from server.dashboard.events import OpenStreams
+from server.dashboard.session import SessionSigner
 from server.doorbell import Doorbell
-from server.notifications import Notifications
+from server.notifications import FinishedWaiter, Notifications
 from server.probes import ProbeLimiter
 from server.settings import Settings
+from server.state import ServerState
 from server.storage import LocalStorage, open_storage
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    state = ServerState(
+        settings=settings,
+        storage=open_storage(settings),
+        keys=KeyCache(),
+        probes=ProbeLimiter(settings.submissions_per_minute),
+        dashboard=DashboardState(SessionSigner(settings.signing_secret)),
+        open_streams=OpenStreams(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = db.database_url(settings)
         await asyncio.to_thread(db.migrate, url)
         pool = await db.create_pool(url, settings.db_pool_size, init_connection)
-        app.state.board = Board(pool, settings, app.state.storage)
-        scaler = autoscaler.from_settings(app.state.board.reads, settings)  # None when off
+        state.board = Board(pool, settings, state.storage)
+        scaler = autoscaler.from_settings(state.board.reads, settings)  # None when off
         notifications = Notifications()
-        app.state.doorbell = Doorbell()
-        notifications.subscribe(JOBS_CHANNEL, app.state.doorbell.notified)
-        app.state.finished = openai_api.FinishedWaiter(notifications)
+        state.doorbell = Doorbell()
+        notifications.subscribe(JOBS_CHANNEL, state.doorbell.notified)
+        state.finished = FinishedWaiter(notifications)
         sender = webhooks.WebhookSender(pool, settings, notifications)
         background = [
             asyncio.create_task(notifications.run(url, settings.poll_seconds)),
             asyncio.create_task(
-                maintenance.poll(app.state.board, app.state.doorbell, settings.poll_seconds)
+                maintenance.poll(state.board, state.doorbell, settings.poll_seconds)
             ),
             asyncio.create_task(sender.run()),
         ]
         if settings.retention_days:
             max_age = settings.retention_days * 86400
-            expire = maintenance.expire(app.state.board, app.state.storage, max_age)
+            expire = maintenance.expire(state.board, state.storage, max_age)
             background.append(asyncio.create_task(expire))
         if scaler:
             background.append(asyncio.create_task(scaler.run()))
@@ -68,13 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="A distributed transcription farm",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.storage = open_storage(settings)
-    app.state.keys = KeyCache()
-    app.state.probes = ProbeLimiter(settings.submissions_per_minute)
+    app.state.server = state
     errors.install(app)
     # /v1/media serves the local backend only; with S3, workers read presigned URLs.
-    local = isinstance(app.state.storage, LocalStorage)
+    local = isinstance(state.storage, LocalStorage)
     modules = (transcriptions, openai_api, webhooks_api, workers, media, health, metrics)
     served = [m for m in modules if local or m is not media]
     routers = [module.router for module in served]

@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.board.keys import hash_key
 from server.errors import ApiError
+from server.state import server_state
 
 ROLES = ("submit", "worker", "admin")
 CACHE_SECONDS = 5.0  # how long a revocation may take to be noticed
@@ -94,7 +95,7 @@ class RoleCheck:
                 "(create one with 'scribefarm keys create')",
                 {"WWW-Authenticate": "Bearer"},
             )
-        state = request.app.state
+        state = server_state(request)
         caller = await state.keys.lookup(state.board, credentials.credentials)
         if caller is None:
             raise ApiError(

@@ -1,6 +1,9 @@
 """The board's NOTIFYs, received on one dedicated LISTEN connection per server process
 and handed to whoever subscribed to each channel.
 
+FinishedWaiter is the server-wide waiter on one of them: requests that wait for a
+transcription to finish (the OpenAI endpoint's) wait on it, not on a connection each.
+
 NOTIFY is only a hint: while the connection is down nothing arrives, so subscribers
 poll meanwhile (`listening` tells them how often) and are called back when it is up
 again, to catch up on what they missed."""
@@ -11,11 +14,16 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from uuid import UUID
 
 import asyncpg
 
 log = logging.getLogger(__name__)
+
+# A transcription reached a final state; the payload is its id (migration 0003's
+# trigger sends it, in the transaction that finishes it).
+FINISHED_CHANNEL = "scribefarm_finished"
 
 
 class Notifications:
@@ -65,3 +73,41 @@ class Notifications:
     def _dispatch(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         for handler in self._handlers[channel]:
             handler(payload)
+
+
+class FinishedWaiter:
+    """Wakes requests waiting for a transcription to finish, on the server's one LISTEN
+    connection however many requests wait."""
+
+    def __init__(self, notifications: Notifications) -> None:
+        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._notifications = notifications
+        notifications.subscribe(FINISHED_CHANNEL, self.finished, self.wake_all)
+
+    @property
+    def listening(self) -> bool:
+        return self._notifications.listening
+
+    @contextlib.contextmanager
+    def watch(self, transcription_id: UUID) -> Iterator[asyncio.Event]:
+        """An event set when the transcription may have finished. Watch before reading
+        its state, so a NOTIFY between the read and the wait is not lost."""
+        key, event = str(transcription_id), asyncio.Event()
+        self._events[key].add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._events.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._events[key]
+
+    def finished(self, transcription_id: str) -> None:
+        for event in self._events.get(transcription_id, ()):
+            event.set()
+
+    def wake_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()

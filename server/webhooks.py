@@ -40,13 +40,13 @@ from uuid import UUID
 import asyncpg
 import httpx
 
-from server.notifications import Notifications
+from server.notifications import FINISHED_CHANNEL, Notifications
 from server.settings import Settings
 from shared.urlguard import UrlRefused, UrlUnreachable, send_pinned
 
 log = logging.getLogger(__name__)
 
-FINISHED_CHANNEL = "scribefarm_finished"
+
 SIGNATURE_HEADER = "Scribefarm-Signature"
 USER_AGENT = "scribefarm-webhooks/1"
 CONCURRENCY = 16  # deliveries in flight per server process

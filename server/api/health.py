@@ -7,6 +7,7 @@ import logging
 from fastapi import APIRouter, Request
 
 from server.errors import ApiError, error_responses
+from server.state import server_state
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -25,7 +26,7 @@ async def healthz() -> dict[str, str]:
 )
 async def readyz(request: Request) -> dict[str, str]:
     try:
-        await request.app.state.board.ping()
+        await server_state(request).board.ping()
     except Exception as exc:
         # The exception names hosts, users and databases: it goes to the log, not to
         # whoever asks (this route needs no key).

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from server.errors import error_responses
+from server.state import server_state
 
 router = APIRouter(tags=["media"])
 
@@ -55,5 +56,5 @@ async def media(
     expires: Annotated[int, Query(ge=0)],
     signature: Annotated[str, Query(pattern="^[0-9a-f]{64}$")],  # an HMAC-SHA256, in hex
 ) -> FileResponse:
-    path = request.app.state.storage.verify(key, expires, signature)
+    path = server_state(request).storage.verify(key, expires, signature)
     return FileResponse(path, media_type="application/octet-stream")

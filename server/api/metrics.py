@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from typing import Any
@@ -12,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import metrics
 from server.errors import ApiError
+from server.state import server_state
 
 router = APIRouter(tags=["health"])
 
@@ -26,7 +26,7 @@ async def prometheus_metrics(request: Request) -> Response:
     """Counts only (no names, no keys): public by default, like /healthz, for scrapers
     that cannot authenticate (Fly.io's); behind a token when SCRIBEFARM_METRICS_TOKEN
     is set."""
-    settings = request.app.state.settings
+    settings = server_state(request).settings
     check_token(request, settings.metrics_token)
     row = await board_metrics(request, settings.metrics_cache_seconds)
     return Response(metrics.exposition(row), media_type=CONTENT_TYPE_LATEST)
@@ -50,12 +50,10 @@ async def board_metrics(request: Request, max_age: float) -> Any:
     """The board's metrics row, shared by the scrapes within `max_age` seconds: the
     query reads every job, so one scrape each per request would let anyone load the
     database at will (the route needs no key)."""
-    state = request.app.state
-    if not hasattr(state, "metrics_cache"):
-        state.metrics_cache = (asyncio.Lock(), [0.0, None])
-    lock, cached = state.metrics_cache
-    async with lock:  # concurrent scrapes wait for the one query
-        if cached[1] is None or time.monotonic() - cached[0] >= max_age:
-            cached[1] = await state.board.reads.metrics(metrics.SPEED_WINDOW_SECONDS)
-            cached[0] = time.monotonic()
-        return cached[1]
+    state = server_state(request)
+    cache = state.metrics_cache
+    async with cache.lock:  # concurrent scrapes wait for the one query
+        if cache.row is None or time.monotonic() - cache.read_at >= max_age:
+            cache.row = await state.board.reads.metrics(metrics.SPEED_WINDOW_SECONDS)
+            cache.read_at = time.monotonic()
+        return cache.row

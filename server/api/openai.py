@@ -18,10 +18,8 @@ supported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
@@ -43,9 +41,8 @@ from server.errors import (
     describe_validation,
     error_responses,
 )
-from server.notifications import Notifications
+from server.state import server_state
 from server.uploads import Upload
-from server.webhooks import FINISHED_CHANNEL
 from shared.protocol import TranscriptionOptions
 
 log = logging.getLogger(__name__)
@@ -150,49 +147,11 @@ class OpenAIRoute(APIRoute):
 # --- waiting for transcriptions to finish -------------------------------------------
 
 
-class FinishedWaiter:
-    """Wakes requests waiting for a transcription to finish, on the server's one LISTEN
-    connection however many requests wait."""
-
-    def __init__(self, notifications: Notifications) -> None:
-        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
-        self._notifications = notifications
-        notifications.subscribe(FINISHED_CHANNEL, self.finished, self.wake_all)
-
-    @property
-    def listening(self) -> bool:
-        return self._notifications.listening
-
-    @contextlib.contextmanager
-    def watch(self, transcription_id: UUID) -> Iterator[asyncio.Event]:
-        """An event set when the transcription may have finished. Watch before reading
-        its state, so a NOTIFY between the read and the wait is not lost."""
-        key, event = str(transcription_id), asyncio.Event()
-        self._events[key].add(event)
-        try:
-            yield event
-        finally:
-            waiters = self._events.get(key)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._events[key]
-
-    def finished(self, transcription_id: str) -> None:
-        for event in self._events.get(transcription_id, ()):
-            event.set()
-
-    def wake_all(self) -> None:
-        for events in self._events.values():
-            for event in events:
-                event.set()
-
-
 async def wait_until_finished(request: Request, transcription_id: UUID, caller: Caller) -> Any:
     """The transcription's row once it has finished; None when the client hung up.
     Raises a 504 after SCRIBEFARM_OPENAI_WAIT_SECONDS."""
-    state = request.app.state
-    waiter: FinishedWaiter = state.finished
+    state = server_state(request)
+    waiter = state.finished
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.openai_wait_seconds
     # The body has been read, so receive() now returns only when the client hangs up.
@@ -442,7 +401,7 @@ async def create_transcription(request: Request, caller: Submitter) -> Response:
         reason = f": {row['error']}" if row["error"] else ""
         message = f"transcription {transcription_id} {what}{reason}"
         raise OpenAIError(422, f"transcription_{row['state']}", message, headers=headers)
-    document = await request.app.state.board.transcriptions.transcript_document(
+    document = await server_state(request).board.transcriptions.transcript_document(
         transcription_id, caller.owner_filter
     )
     return answer(document, parsed, headers)

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
-import hashlib
-import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
-from urllib.parse import urlsplit
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field, HttpUrl, ValidationError
 
-from server import transcripts
+from server import submission, transcripts
 from server.auth import Caller, allow
-from server.errors import ApiError, describe_validation, error_responses
+from server.errors import ApiError, error_responses
+from server.state import server_state
 from server.uploads import Upload, file_stream
-from shared import urlguard
 from shared.protocol import (
     Progress,
     TranscriptFormat,
@@ -45,7 +39,10 @@ def submission_schema() -> dict[str, Any]:
     options = TranscriptionOptions.model_json_schema()
     fields = {name: form_field(schema) for name, schema in options["properties"].items()}
     upload = {"file": {"type": "string", "format": "binary"}, **fields}
-    from_url = {"url": UrlSource.model_json_schema()["properties"]["url"], **options["properties"]}
+    from_url = {
+        "url": submission.UrlSource.model_json_schema()["properties"]["url"],
+        **options["properties"],
+    }
 
     def body(properties: dict[str, Any], required: str) -> dict[str, Any]:
         schema = {"type": "object", "required": [required], "properties": properties}
@@ -67,10 +64,6 @@ def form_field(schema: dict[str, Any]) -> dict[str, Any]:
     return {**variants[0], **rest}
 
 
-class UrlSource(TranscriptionOptions):
-    url: HttpUrl = Field(description="http(s) URL workers read the media from (range requests).")
-
-
 @router.post(
     "",
     status_code=201,
@@ -82,7 +75,8 @@ class UrlSource(TranscriptionOptions):
 async def submit(request: Request, caller: Submitter) -> Transcription:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip() == "application/json":
-        row = await submit_url(request, caller)
+        source = submission.parse_source(await request.body())
+        row = await submission.from_url(server_state(request), caller, source)
     else:
         row = await submit_upload(request, caller)
     return transcription_view(row)
@@ -93,174 +87,12 @@ async def submit_upload(
     caller: Caller,
     read_options: Callable[[Upload], TranscriptionOptions] | None = None,
 ) -> Any:
-    """Streams the multipart `file` to storage and queues its transcription; returns its
-    row. `read_options` turns the other form fields into options (ours by default)."""
-    state = request.app.state
-    limited = caller.role != "admin"
-    if limited:  # before the upload streams in, not after
-        await state.board.transcriptions.check_limits(caller.key_id)
-    transcription_id = uuid4()
-    key = f"sources/{transcription_id}"
-    upload, digest = Upload(), hashlib.sha256()
-    stream = file_stream(request, upload, "file", state.settings.max_upload_bytes)
-    size = await state.storage.write(key, hashing(stream, digest))
-    try:
-        if upload.file_parts != 1:
-            raise ApiError(422, "file_required", "send exactly one multipart field named 'file'")
-        if size == 0:
-            raise ApiError(422, "empty_file", "the uploaded file is empty")
-        options = (read_options or parse_options)(upload)
-        await check_options(request, options)
-        check_priority(request, caller, options)
-        model = options.model or state.settings.default_model
-        await state.board.transcriptions.submit(
-            owner=caller.key_id,
-            transcription_id=transcription_id,
-            filename=upload.filename,
-            source_key=key,
-            source_url=None,
-            source_bytes=size,
-            options=options.model_dump(mode="json"),
-            model=model,
-            dedup_key=dedup_key(digest.hexdigest(), options, model),
-            limited=limited,
-        )
-    except BaseException:
-        await state.storage.delete(key)
-        raise
-    return await state.board.transcriptions.get(transcription_id, None)
-
-
-async def submit_url(
-    request: Request, caller: Caller, read_source: Callable[[Request], Any] | None = None
-) -> Any:
-    """Queues a transcription of media at a URL; workers read it from there. The URL and
-    options come from `read_source(request)` (an awaitable; the JSON body by default)."""
-    state = request.app.state
-    limited = caller.role != "admin"
-    if limited:  # before the URL is probed, not after
-        await state.board.transcriptions.check_limits(caller.key_id)
-    source = await (read_source or json_source)(request)
-    await check_options(request, source)
-    check_priority(request, caller, source)
-    url = str(source.url)
-    with state.probes.probe(caller.key_id) if limited else contextlib.nullcontext():
-        await guarded(urlguard.final_url, url, state.settings.allowlist, "url")
-    options = TranscriptionOptions.model_validate(source.model_dump(exclude={"url"}))
-    transcription_id = uuid4()
-    await state.board.transcriptions.submit(
-        owner=caller.key_id,
-        transcription_id=transcription_id,
-        filename=urlsplit(url).path.rsplit("/", 1)[-1] or None,
-        source_key=None,
-        source_url=url,
-        source_bytes=None,
-        options=options.model_dump(mode="json"),
-        model=options.model or state.settings.default_model,
-        dedup_key=None,  # the content behind a URL can change
-        limited=limited,
-    )
-    return await state.board.transcriptions.get(transcription_id, None)
-
-
-async def json_source(request: Request) -> UrlSource:
-    return parse_source(await request.body())
-
-
-def parse_source(data: bytes | dict[str, Any]) -> UrlSource:
-    try:
-        if isinstance(data, bytes):
-            return UrlSource.model_validate_json(data)
-        return UrlSource.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
-
-
-def parse_options(upload: Upload) -> TranscriptionOptions:
-    try:
-        return TranscriptionOptions.model_validate(upload.fields)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
-
-
-async def check_options(request: Request, options: TranscriptionOptions) -> None:
-    settings = request.app.state.settings
-    await check_model(request, options.model)
-    if (options.target_chunk_seconds or 0) > settings.max_chunk_seconds:
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"target_chunk_seconds: at most {settings.max_chunk_seconds:g} on this board "
-            "(SCRIBEFARM_MAX_CHUNK_SECONDS)",
-        )
-    if options.webhook_url is not None:
-        await guarded(
-            urlguard.check_url, str(options.webhook_url), settings.allowlist, "webhook_url"
-        )
-
-
-def check_priority(request: Request, caller: Caller, options: TranscriptionOptions) -> None:
-    """Priority decides whose work runs first: past the board's maximum only the
-    operator (an admin key) may ask for it."""
-    highest = request.app.state.settings.max_submit_priority
-    if options.priority > highest and caller.role != "admin":
-        raise ApiError(
-            403,
-            "priority_not_allowed",
-            f"priority {options.priority} needs an admin key; this key may ask for at most "
-            f"{highest} (SCRIBEFARM_MAX_SUBMIT_PRIORITY)",
-        )
-
-
-async def check_model(request: Request, model: str | None) -> None:
-    """A model no worker has would wait in the queue for ever: refuse it now."""
-    settings = request.app.state.settings
-    if model is None or model == settings.default_model or model in settings.models:
-        return
-    served = await request.app.state.board.reads.served_models()
-    if model in served:
-        return
-    offered = ", ".join(sorted({settings.default_model, *settings.models, *served})[:20])
-    raise ApiError(
-        422,
-        "unknown_model",
-        f"model: no worker of this farm has {model!r}; it offers {offered}. Start a worker "
-        f"with --model {model} (or list it in SCRIBEFARM_MODELS), then submit again",
-    )
-
-
-async def guarded(check: Callable[..., Any], url: str, allowlist: Any, field: str) -> None:
-    """Runs a urlguard check (DNS and HTTP: off the event loop); its refusal is a 422."""
-    try:
-        await asyncio.to_thread(check, url, allowlist)
-    except urlguard.UrlRefused as exc:
-        raise ApiError(422, "url_refused", f"{field}: {exc}") from exc
-    except urlguard.UrlUnreachable as exc:
-        raise ApiError(422, "url_unreachable", f"{field}: {exc}") from exc
-
-
-async def hashing(chunks: AsyncIterator[bytes], digest: Any) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
-
-
-def dedup_key(source_sha256: str, options: TranscriptionOptions, model: str) -> str:
-    """Same audio and same options that shape the transcript: the same transcript."""
-    shaping = options.model_dump(
-        mode="json",
-        include={
-            "language",
-            "target_chunk_seconds",
-            "prompt",
-            "hotwords",
-            "detect_language_per_chunk",
-        },
-    )
-    shaping |= {"model": model, "word_timestamps": options.word_timestamps}
-    return hashlib.sha256(
-        f"{source_sha256}|{json.dumps(shaping, sort_keys=True)}".encode()
-    ).hexdigest()
+    """The HTTP side of an upload, for every route that takes one: the multipart body's
+    `file` part streams to submission.from_upload."""
+    state = server_state(request)
+    upload = Upload()
+    file = file_stream(request, upload, "file", state.settings.max_upload_bytes)
+    return await submission.from_upload(state, caller, upload, file, read_options)
 
 
 @router.get("", response_model=TranscriptionPage, summary="List transcriptions, newest first")
@@ -271,7 +103,7 @@ async def list_transcriptions(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> TranscriptionPage:
-    rows = await request.app.state.board.transcriptions.list(
+    rows = await server_state(request).board.transcriptions.list(
         caller.owner_filter, state, decode_cursor(cursor), limit + 1
     )
     page = rows[:limit]
@@ -286,7 +118,9 @@ async def list_transcriptions(
 async def get_transcription(
     request: Request, transcription_id: UUID, caller: Submitter
 ) -> Transcription:
-    row = await request.app.state.board.transcriptions.get(transcription_id, caller.owner_filter)
+    row = await server_state(request).board.transcriptions.get(
+        transcription_id, caller.owner_filter
+    )
     return transcription_view(row)
 
 
@@ -296,7 +130,7 @@ async def get_transcription(
     responses=error_responses(404, 409, descriptions={409: "It has already finished."}),
 )
 async def cancel(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:
-    board = request.app.state.board
+    board = server_state(request).board
     await board.transcriptions.cancel(transcription_id, caller.owner_filter)
     return transcription_view(await board.transcriptions.get(transcription_id, caller.owner_filter))
 
@@ -315,7 +149,7 @@ async def cancel(request: Request, transcription_id: UUID, caller: Submitter) ->
     ),
 )
 async def retry(request: Request, transcription_id: UUID, caller: Submitter) -> Transcription:
-    board = request.app.state.board
+    board = server_state(request).board
     await board.transcriptions.retry(transcription_id, caller.owner_filter)
     return transcription_view(await board.transcriptions.get(transcription_id, caller.owner_filter))
 
@@ -324,7 +158,7 @@ async def retry(request: Request, transcription_id: UUID, caller: Submitter) -> 
 async def delete(request: Request, transcription_id: UUID, caller: Submitter) -> Response:
     """Deletes the transcription, its transcript and its stored media (canceling it
     first when it is still running)."""
-    state = request.app.state
+    state = server_state(request)
     for key in await state.board.transcriptions.delete(transcription_id, caller.owner_filter):
         await state.storage.delete(key)
     return Response(status_code=204)
@@ -344,11 +178,11 @@ async def get_transcript(
     caller: Submitter,
     format: TranscriptFormat = "json",
 ) -> Response:
-    board = request.app.state.board
+    board = server_state(request).board
     row = await board.transcriptions.transcript(transcription_id, caller.owner_filter)
     suffix = "json" if format == "verbose_json" else format
     disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{suffix}"'}
-    storage = request.app.state.storage
+    storage = server_state(request).storage
     if format == "json" and row["transcript_key"]:  # stored as it is served
         if not await storage.exists(row["transcript_key"]):  # else a 404 mid-stream
             raise ApiError(404, "not_found", f"transcript object of {transcription_id} is gone")

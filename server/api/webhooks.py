@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from server import webhooks
 from server.auth import Caller, allow
 from server.errors import error_responses
+from server.state import server_state
 
 router = APIRouter(
     prefix="/v1/transcriptions", tags=["webhooks"], responses=error_responses(401, 403, 404, 422)
@@ -52,7 +53,7 @@ class WebhookDeliveries(BaseModel):
 async def list_webhook_deliveries(
     request: Request, transcription_id: UUID, caller: Submitter
 ) -> WebhookDeliveries:
-    board = request.app.state.board
+    board = server_state(request).board
     await board.transcriptions.get(transcription_id, caller.owner_filter)  # 404 unless the caller's
     rows = await webhooks.deliveries(board.pool, transcription_id)
     return WebhookDeliveries(items=[WebhookDelivery.model_validate(dict(r)) for r in rows])

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
 from server.errors import ApiError, error_responses
+from server.state import server_state
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -78,7 +79,7 @@ LEASE_ERRORS = error_responses(
     responses=error_responses(429, descriptions={429: "The board has SCRIBEFARM_MAX_WORKERS."}),
 )
 async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey) -> Registration:
-    state = request.app.state
+    state = server_state(request)
     worker_id = await state.board.queue.register_worker(caller.key_id, caps.model_dump())
     lease = state.settings.lease_seconds
     return Registration(worker_id=worker_id, lease_seconds=lease, heartbeat_seconds=lease / 3)
@@ -94,7 +95,7 @@ async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey
 async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> ClaimResponse:
     """Claims up to `max_jobs` jobs this worker can run; waits up to `wait_seconds` for
     work to arrive when there is none."""
-    state = request.app.state
+    state = server_state(request)
     loop = asyncio.get_running_loop()
     # An idle worker must be heard from before it would look gone.
     deadline = loop.time() + min(body.wait_seconds, state.settings.worker_gone_seconds / 2)
@@ -171,7 +172,7 @@ def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
 async def cache_lookup(request: Request, body: CacheLookup, caller: WorkerKey) -> CacheHits:
     """Earlier results for chunks with the same audio, model and options: the worker
     reuses them instead of running the model."""
-    board = request.app.state.board
+    board = server_state(request).board
     return CacheHits(results=await board.cache.lookup(body.keys, body.job_ids, caller.key_id))
 
 
@@ -179,7 +180,7 @@ async def cache_lookup(request: Request, body: CacheLookup, caller: WorkerKey) -
 async def heartbeat(
     request: Request, job_id: UUID, body: LeaseRequest, caller: WorkerKey
 ) -> LeaseResponse:
-    state = request.app.state
+    state = server_state(request)
     expires = await state.board.queue.heartbeat(job_id, body.lease_id, state.settings.lease_seconds)
     return LeaseResponse(lease_expires_at=expires)
 
@@ -190,7 +191,7 @@ async def complete(
 ) -> JobOutcome:
     """Records the result. A chunk job's plan fans out into transcribe jobs; the last
     transcribe job to finish merges the transcript, in the same transaction."""
-    state = await request.app.state.board.queue.complete(job_id, body.lease_id, body.result)
+    state = await server_state(request).board.queue.complete(job_id, body.lease_id, body.result)
     return JobOutcome(state=state)
 
 
@@ -202,7 +203,7 @@ async def settle(
     change: their transcribe jobs are queued at once, so other workers start on a long
     file while it is being planned. Its completion's plan holds them again; each chunk
     is queued once."""
-    await request.app.state.board.queue.settle(job_id, body.lease_id, body.chunks)
+    await server_state(request).board.queue.settle(job_id, body.lease_id, body.chunks)
     return JobOutcome(state="leased")
 
 
@@ -210,7 +211,7 @@ async def settle(
 async def fail(request: Request, job_id: UUID, body: FailRequest, caller: WorkerKey) -> JobOutcome:
     """Retried with exponential backoff until its attempts run out; `permanent` errors
     (a file that is not media) fail the transcription at once."""
-    state, run_after = await request.app.state.board.queue.fail(
+    state, run_after = await server_state(request).board.queue.fail(
         job_id, body.lease_id, body.error, body.permanent
     )
     return JobOutcome(state=state, run_after=run_after)
@@ -221,5 +222,5 @@ async def release(
     request: Request, job_id: UUID, body: LeaseRequest, caller: WorkerKey
 ) -> JobOutcome:
     """Gives a job back untouched (a worker shutting down); the attempt does not count."""
-    await request.app.state.board.queue.release(job_id, body.lease_id)
+    await server_state(request).board.queue.release(job_id, body.lease_id)
     return JobOutcome(state="queued")

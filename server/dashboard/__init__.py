@@ -22,7 +22,6 @@ class DashboardState:
 
 
 def install(app: FastAPI) -> None:
-    app.state.dashboard = DashboardState(SessionSigner(app.state.settings.signing_secret))
     app.include_router(pages.router)
     app.include_router(events.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -25,6 +25,7 @@ from server.dashboard.pages import CurrentViewer, HtmlErrors
 from server.dashboard.screens import SCREENS, Screen, render_fragments
 from server.dashboard.session import SignInRequired, Viewer
 from server.errors import ApiError
+from server.state import server_state
 
 # Each open stream runs its page's query every tick: one session (or one key, through
 # many sessions) opening streams without end would load the board at will.
@@ -43,7 +44,7 @@ async def events(request: Request, name: str, viewer: CurrentViewer) -> Streamin
         raise ApiError(404, "not_found", f"no page {name!r}")
     if screen.admin_only and not viewer.is_admin:
         raise ApiError(403, "forbidden", "this page is for admin keys")
-    counter = open_streams(request)
+    counter = server_state(request).open_streams
     counter.open(viewer)
     return StreamingResponse(
         counted(stream(request, viewer, screen, request.query_params), counter, viewer),
@@ -83,13 +84,6 @@ class OpenStreams:
         self.keys += Counter()
 
 
-def open_streams(request: Request) -> OpenStreams:
-    state = request.app.state
-    if not hasattr(state, "open_streams"):
-        state.open_streams = OpenStreams()
-    return state.open_streams
-
-
 async def counted(
     events: AsyncIterator[str], counter: OpenStreams, viewer: Viewer
 ) -> AsyncIterator[str]:
@@ -104,7 +98,7 @@ async def counted(
 async def stream(
     request: Request, viewer: Viewer, screen: Screen, params: Mapping[str, str]
 ) -> AsyncIterator[str]:
-    state = request.app.state
+    state = server_state(request)
     sent: dict[str, str] = {}  # fragment -> digest of the HTML last sent
     memo: dict = {}  # what a screen keeps between ticks
     quiet_since = time.monotonic()

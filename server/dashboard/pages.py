@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 
+from server import submission
 from server.api import transcriptions as api
 from server.board.errors import BoardError
 from server.dashboard.screens import SCREENS, templates
@@ -28,6 +29,7 @@ from server.dashboard.session import (
     small_form,
 )
 from server.errors import ApiError, as_api_error
+from server.state import server_state
 from shared.protocol import TranscriptFormat
 
 SECURITY_HEADERS = {
@@ -77,7 +79,7 @@ def render(
     status: int = 200,
 ) -> HTMLResponse:
     session = session or (viewer.session if viewer else None)
-    signer = request.app.state.dashboard.signer
+    signer = server_state(request).dashboard.signer
     context = {**context, "viewer": viewer, "csrf": signer.csrf_token(session) if session else ""}
     return templates.TemplateResponse(
         request, template, context, status_code=status, headers=SECURITY_HEADERS
@@ -104,11 +106,13 @@ async def show(request: Request, viewer: Viewer, name: str, params: Mapping[str,
 
 @router.get("/signin")
 async def sign_in_form(request: Request, next: str = "/") -> Response:
-    dashboard = request.app.state.dashboard
+    dashboard = server_state(request).dashboard
     session = dashboard.signer.decode(request.cookies.get(COOKIE))
     if session is None:
         session = Session.new()
-    elif session.key_id and await dashboard.keys.usable(request.app.state.board, session.key_id):
+    elif session.key_id and await dashboard.keys.usable(
+        server_state(request).board, session.key_id
+    ):
         return RedirectResponse(safe_next(next), 303)
     response = render(request, "signin.html", {"next": safe_next(next)}, session=session)
     set_cookie(request, response, dashboard.signer, session)
@@ -117,7 +121,7 @@ async def sign_in_form(request: Request, next: str = "/") -> Response:
 
 @router.post("/signin")
 async def sign_in(request: Request) -> Response:
-    state = request.app.state
+    state = server_state(request)
     session = state.dashboard.signer.decode(request.cookies.get(COOKIE)) or Session.new()
     await check_csrf(request, session)
     form = await small_form(request)
@@ -170,29 +174,31 @@ async def upload(request: Request, viewer: CurrentViewer) -> Response:
     return JSONResponse(body, status_code=201)
 
 
-async def form_source(request: Request) -> api.UrlSource:
+async def form_source(request: Request) -> submission.UrlSource:
     form = await small_form(request)
-    return api.parse_source({k: v for k, v in form.items() if k != CSRF_FIELD and v != ""})
+    fields = {k: v for k, v in form.items() if k != CSRF_FIELD and v != ""}
+    return submission.parse_source(fields)
 
 
 @router.post("/transcriptions/from-url")
 async def submit_url(request: Request, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
-    row = await api.submit_url(request, viewer.caller, read_source=form_source)
+    source = await form_source(request)
+    row = await submission.from_url(server_state(request), viewer.caller, source)
     return RedirectResponse(f"/transcriptions/{row['id']}", 303)
 
 
 @router.post("/transcriptions/{transcription_id}/cancel")
 async def cancel(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
-    await request.app.state.board.transcriptions.cancel(transcription_id, viewer.owner_filter)
+    await server_state(request).board.transcriptions.cancel(transcription_id, viewer.owner_filter)
     return RedirectResponse(safe_next((await small_form(request)).get("next")), 303)
 
 
 @router.post("/transcriptions/{transcription_id}/retry")
 async def retry(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     await check_csrf(request, viewer.session)
-    await request.app.state.board.transcriptions.retry(transcription_id, viewer.owner_filter)
+    await server_state(request).board.transcriptions.retry(transcription_id, viewer.owner_filter)
     return RedirectResponse(safe_next((await small_form(request)).get("next")), 303)
 
 
@@ -210,7 +216,7 @@ async def download(
 async def media(request: Request, transcription_id: UUID, viewer: CurrentViewer) -> Response:
     """The source, for the page's audio player: a short-lived signed link to storage, or
     the URL it was submitted from."""
-    state = request.app.state
+    state = server_state(request)
     row = await state.board.reads.transcription(transcription_id, viewer.owner_filter)
     if row["source_url"]:
         return RedirectResponse(row["source_url"], 307)
@@ -237,5 +243,5 @@ async def requeue(request: Request, job_id: UUID, viewer: CurrentViewer) -> Resp
     await check_csrf(request, viewer.session)
     if not viewer.is_admin:
         raise ApiError(403, "forbidden", "only admin keys can requeue jobs")
-    await request.app.state.board.transcriptions.requeue_dead_job(job_id)
+    await server_state(request).board.transcriptions.requeue_dead_job(job_id)
     return RedirectResponse("/board", 303)

@@ -17,6 +17,7 @@ from server.api.transcriptions import decode_cursor, encode_cursor
 from server.dashboard import views
 from server.dashboard.session import Viewer
 from server.errors import ApiError
+from server.state import server_state
 from shared.protocol import TranscriptionState
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -59,7 +60,7 @@ async def load_transcriptions(
         raise ApiError(422, "invalid_request", f"state: one of {', '.join(STATES)}")
     search = (params.get("q") or "").strip()[:200]
     cursor = params.get("cursor") or None
-    rows = await request.app.state.board.reads.transcriptions(
+    rows = await server_state(request).board.reads.transcriptions(
         viewer.owner_filter,
         state,
         like_escaped(search) or None,
@@ -73,7 +74,7 @@ async def load_transcriptions(
         "transcriptions": [views.TranscriptionView(row) for row in page],
         "state": state or "",
         "states": STATES,
-        "default_chunk_seconds": int(request.app.state.settings.default_chunk_seconds),
+        "default_chunk_seconds": int(server_state(request).settings.default_chunk_seconds),
         "q": search,
         "cursor": cursor,
         "next_cursor": encode_cursor(page[-1]) if len(rows) > PAGE_SIZE else None,
@@ -87,7 +88,7 @@ async def load_transcription(
         transcription_id = UUID(params.get("id", ""))
     except ValueError as exc:
         raise ApiError(404, "not_found", "no such transcription") from exc
-    board = request.app.state.board
+    board = server_state(request).board
     row = await board.reads.transcription(transcription_id, viewer.owner_filter)
     planning, chunks = views.chunk_views(row)
     return {
@@ -118,7 +119,7 @@ async def transcript_segments(board: Any, row: Any, memo: dict[str, Any]) -> lis
 async def load_workers(
     request: Request, viewer: Viewer, params: Mapping[str, str], memo: dict[str, Any]
 ) -> dict[str, Any]:
-    state = request.app.state
+    state = server_state(request)
     rows = await state.board.reads.workers(WORKERS_SHOWN_SECONDS, THROUGHPUT_SECONDS)
     gone = state.settings.worker_gone_seconds
     workers = [views.WorkerView(row, gone) for row in rows]
@@ -132,7 +133,7 @@ async def load_workers(
 async def load_board(
     request: Request, viewer: Viewer, params: Mapping[str, str], memo: dict[str, Any]
 ) -> dict[str, Any]:
-    row = await request.app.state.board.reads.board(HISTORY_MINUTES, DEAD_JOBS_SHOWN)
+    row = await server_state(request).board.reads.board(HISTORY_MINUTES, DEAD_JOBS_SHOWN)
     audio, depth = views.history_charts(row["history"])
     return {
         "counts": views.job_counts(row["counts"]),

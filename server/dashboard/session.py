@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from server.auth import CACHE_SECONDS, Caller
 from server.errors import ApiError
+from server.state import server_state
 from server.uploads import MAX_FIELD_BYTES, MAX_FIELDS
 
 COOKIE = "scribefarm_session"
@@ -151,11 +152,11 @@ def set_cookie(request: Request, response: Response, signer: SessionSigner, sess
 
 async def current_viewer(request: Request) -> Viewer:
     """Dependency: the signed-in viewer of this request, or SignInRequired."""
-    dashboard = request.app.state.dashboard
+    dashboard = server_state(request).dashboard
     session = dashboard.signer.decode(request.cookies.get(COOKIE))
     if session is None or session.key_id is None:
         raise SignInRequired()
-    info = await dashboard.keys.usable(request.app.state.board, session.key_id)
+    info = await dashboard.keys.usable(server_state(request).board, session.key_id)
     if info is None:
         raise SignInRequired()
     return Viewer(session.key_id, info.role, info.name, info.prefix, session)
@@ -173,7 +174,7 @@ async def check_csrf(request: Request, session: Session) -> None:
     content_type = request.headers.get("content-type", "")
     if token is None and content_type.startswith("application/x-www-form-urlencoded"):
         token = (await small_form(request)).get(CSRF_FIELD)
-    if not request.app.state.dashboard.signer.csrf_valid(session, token):
+    if not server_state(request).dashboard.signer.csrf_valid(session, token):
         raise ApiError(
             403,
             "csrf_failed",

@@ -48,7 +48,7 @@ def backend(
         for name, value in request.getfixturevalue("s3_server").env.items():
             monkeypatch.setenv(name, value)
     app = create_app(Settings())
-    storage = app.state.storage
+    storage = app.state.server.storage
     assert isinstance(storage, S3Storage if request.param == "s3" else LocalStorage)
     http = httpx.AsyncClient(mounts={BASE_URL: httpx.ASGITransport(app)}, timeout=30)
     yield Backend(request.param, storage, http, tmp_path)
