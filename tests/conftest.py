@@ -13,6 +13,29 @@ import pytest
 
 from tests.farm import BURST_SETTINGS, ProtocolWorker, Server, create_database, free_port
 
+# What the quick tier (./dev test -m "not slow", a few minutes) leaves out: whole farms
+# transcribing with the real model, real speech, a browser, fuzzing, chaos. The whole
+# suite (./dev test, and CI) runs everything.
+SLOW = (
+    "tests/chaos/",
+    "tests/browser/",
+    "tests/integration/test_farm.py",
+    "tests/integration/test_fidelity.py",
+    "tests/integration/test_realspeech.py",
+    "tests/integration/test_fuzz.py",
+    "tests/integration/test_autoscaler.py",
+    "tests/integration/test_bad_media.py",
+    "tests/integration/test_cli_up.py",
+    "tests/integration/test_audio.py::test_an_hour_is_planned_in_bounded_memory",
+    "tests/integration/test_api.py::test_a_large_upload_streams_to_storage_with_flat_server_memory",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -51,7 +51,6 @@ def running_gauge(server: Server) -> float:
     return float(line.split()[-1])
 
 
-@pytest.mark.slow
 def test_local_provider_scales_to_three_drains_the_queue_and_returns_to_zero(
     postgres_url, tmp_path, twenty_minutes
 ):
