@@ -27,10 +27,14 @@ for 10 hours); here the same computation is streamed:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-from faster_whisper.vad import VadOptions, get_vad_model
+import onnxruntime
+from faster_whisper.utils import get_assets_path
+from faster_whisper.vad import VadOptions
 
 from worker.audio import SAMPLE_RATE
 
@@ -49,6 +53,22 @@ WINDOW_SECONDS = 30.0  # Whisper's context
 PIPELINE_VAD = VadOptions(max_speech_duration_s=WINDOW_SECONDS, min_silence_duration_ms=160)
 
 Span = tuple[int, int]  # [start, end) in samples
+
+
+@functools.cache
+def vad_session() -> onnxruntime.InferenceSession:
+    """faster-whisper's Silero model in a session of our own, with onnxruntime's memory
+    arena on. faster-whisper turns it off, and then every batch's tensors go through
+    malloc, whose heap grew a planner to 1.1 GB in one run of four (1 h of speech; 150 MB
+    with the arena). Batches here have one shape, so the arena stays the size of one."""
+    [model] = Path(get_assets_path()).glob("silero_vad*.onnx")
+    options = onnxruntime.SessionOptions()
+    options.inter_op_num_threads = 1  # as faster-whisper runs it: one core per job
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 4
+    return onnxruntime.InferenceSession(
+        str(model), providers=["CPUExecutionProvider"], sess_options=options
+    )
 
 
 class SpeechProbabilities:
@@ -106,8 +126,7 @@ class SpeechProbabilities:
         self._context = frames[-1, -_CONTEXT:].copy()
         batched = np.concatenate((contexts, frames), axis=1)
         h, c = self._state
-        session = get_vad_model().session
-        out, h, c = session.run(None, {"input": batched, "h": h, "c": c})
+        out, h, c = vad_session().run(None, {"input": batched, "h": h, "c": c})
         self._state = (h, c)
         self._probs.append(np.asarray(out, dtype=np.float32).reshape(-1))
 
