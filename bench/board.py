@@ -55,7 +55,7 @@ MODEL: str = Settings.model_fields["default_model"].default  # what transcribe j
 PHASE_TIMEOUT = 180.0
 PEER_MIN_JOBS = 2000  # fewer, and PgQueuer's start-up would weigh on its figure
 WARMUP_SECONDS = 1.0  # connections opening, every worker's first claim
-CLAIM_INDEX = "ix_jobs_claimable"  # the index the claim walks (server/board.py)
+CLAIM_INDEX = "ix_jobs_claimable"  # the index the claim walks (server/board/queue.py)
 
 TARGET_CYCLES = 2000.0
 TARGET_P99_MS = 100.0

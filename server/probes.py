@@ -1,5 +1,5 @@
 """Per-key limits on URL probes: each submitted URL is fetched by the server (the
-guard's probe, server/urlguard.py), and a probe that fails creates no transcription,
+guard's probe, shared/urlguard.py), and a probe that fails creates no transcription,
 so the submission limits alone never counted it. Without this, one key could have the
 server probe hosts without end, tying up the threads probes run in.
 

@@ -202,7 +202,7 @@ def _input_options(source: str) -> dict[str, object]:
     ...) name further URLs, which ffmpeg would fetch with no guard between (an HLS
     playlist whose segment is 169.254.169.254). The protocols are the source's own,
     inherited by anything nested. Over HTTP, ffmpeg follows no redirect: the guard
-    (server/urlguard.py) followed and checked them already, so one appearing later (a
+    (shared/urlguard.py) followed and checked them already, so one appearing later (a
     host answering the probe with media, then with a redirect) is refused."""
     options: dict[str, object] = {"format_whitelist": SAFE_DEMUXERS}
     if not is_url(source):

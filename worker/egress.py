@@ -2,7 +2,7 @@
 
 ffmpeg is given a loopback URL of this proxy instead. Every request it makes there (the
 first read, each range request when seeking, each reconnect) is checked by the URL
-guard and sent to the address the guard approved (server/urlguard.py `send_pinned`),
+guard and sent to the address the guard approved (shared/urlguard.py `send_pinned`),
 with the host's name in the Host header and TLS. A redirect goes back to ffmpeg
 unfollowed (ffmpeg follows none), so neither the host nor its DNS answering
 differently between the check and the connection (rebinding) can steer a read

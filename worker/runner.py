@@ -80,7 +80,7 @@ class WorkerConfig:
     exit_when_idle: float | None = None
     max_jobs: int | None = None
     grace_seconds: float = 30.0
-    # Private addresses users' URL sources may point at (see server/urlguard.py).
+    # Private addresses users' URL sources may point at (see shared/urlguard.py).
     url_allowlist: tuple[str, ...] = ()
 
 

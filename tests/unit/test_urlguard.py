@@ -1,4 +1,4 @@
-"""The URL guard's decisions (server/urlguard.py) on addresses that need no DNS server:
+"""The URL guard's decisions (shared/urlguard.py) on addresses that need no DNS server:
 IP literals resolve locally."""
 
 from __future__ import annotations
