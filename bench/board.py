@@ -15,12 +15,10 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import random
 import shutil
 import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +37,8 @@ import psutil
 from bench import common
 from server.settings import Settings
 from shared.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
-from tests.farm import BURST_SETTINGS, free_port, with_database
+from tests.farm import BURST_SETTINGS, Server, with_database
 
-SCRIBEFARM = str(Path(sys.executable).parent / "scribefarm")
 SECTION = "## Board (bench/board.py)"
 PROTOCOL = {PROTOCOL_HEADER: PROTOCOL_VERSION}
 
@@ -141,81 +138,6 @@ def postmaster_group(data_directory: Path | None) -> Callable[[], list[psutil.Pr
 # --- the board under test ------------------------------------------------------------
 
 
-@dataclass
-class BoardProcess:
-    """A real `scribefarm server`, its keys, and a way into its PostgreSQL."""
-
-    data_dir: Path
-    database_url: str | None  # None: the server's embedded PostgreSQL
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        """Where the bench itself connects: the board's database."""
-        if self.database_url:
-            return self.database_url
-        return f"postgresql://postgres:@/postgres?host={self.data_dir / 'postgres'}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBEFARM_")}
-        env.pop("DATABASE_URL", None)
-        env.update(SCRIBEFARM_DATA_DIR=str(self.data_dir), SCRIBEFARM_LOG_FORMAT="text")
-        env.update({f"SCRIBEFARM_{k.upper()}": v for k, v in BURST_SETTINGS.items()})
-        if self.database_url:
-            env["DATABASE_URL"] = self.database_url
-        return env
-
-    def start(self) -> None:
-        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 (the server's stdout)
-        self.process = subprocess.Popen(
-            [SCRIBEFARM, "server", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after 60 s:\n{self.log_tail()}")
-
-    def create_key(self, role: str) -> str:
-        """Through the real CLI; the key is alone on the last line."""
-        done = subprocess.run(
-            [SCRIBEFARM, "keys", "create", "--role", role],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        return done.stdout.strip().splitlines()[-1]
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self.database_url:
-            stop_embedded_postgres(self.data_dir / "postgres")
-
-    def log_tail(self) -> str:
-        return (self.data_dir / "server.log").read_text(errors="replace")[-4000:]
-
-
 def stop_embedded_postgres(pgdata: Path) -> None:
     """The embedded PostgreSQL should stop with its last user; make sure it did, since
     the bench started it (fast shutdown, by its own pid)."""
@@ -250,11 +172,11 @@ async def drop_database(admin_url: str, url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_board(database_url: str | None) -> AsyncIterator[BoardProcess]:
+async def running_board(database_url: str | None) -> AsyncIterator[Server]:
     """A fresh board: its own data directory, and its own database on an external server."""
     tmp = Path(tempfile.mkdtemp(prefix="scribefarm-bench-"))
     db_url = await create_database(database_url, "scribefarm_bench") if database_url else None
-    board = BoardProcess(tmp, db_url)
+    board = Server(db_url, tmp, dict(BURST_SETTINGS))
     try:
         await asyncio.to_thread(board.start)
         yield board
@@ -264,6 +186,8 @@ async def running_board(database_url: str | None) -> AsyncIterator[BoardProcess]
         raise
     finally:
         await asyncio.to_thread(board.stop)
+        if not db_url:
+            stop_embedded_postgres(tmp / "postgres")
         if database_url and db_url:
             await drop_database(database_url, db_url)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +201,7 @@ class Clients:
     pooled connection on each request, so a shared pool of hundreds of connections
     costs more client CPU than the board it measures."""
 
-    def __init__(self, board: BoardProcess, key: str, workers: int):
+    def __init__(self, board: Server, key: str, workers: int):
         headers = {**PROTOCOL, "Authorization": f"Bearer {key}"}
         timeout = httpx.Timeout(WAIT_SECONDS + 60)
         tls = ssl.create_default_context()  # unused on http://, but costly to build 500 times
@@ -715,7 +639,7 @@ async def install_pgqueuer(admin_url: str) -> str:
 
 @dataclass
 class Bench:
-    board: BoardProcess
+    board: Server
     worker_key: str
     submit_key: str
     meter: CpuMeter
@@ -756,7 +680,7 @@ class Report:
 
 
 @contextlib.asynccontextmanager
-async def bench_setup(board: BoardProcess) -> AsyncIterator[Bench]:
+async def bench_setup(board: Server) -> AsyncIterator[Bench]:
     worker_key = await asyncio.to_thread(board.create_key, "worker")
     submit_key = await asyncio.to_thread(board.create_key, "submit")
     server = psutil.Process(board.process.pid)  # type: ignore[union-attr]

@@ -80,9 +80,10 @@ def sql(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class Server:
-    """A real `scribefarm server` process on a free loopback port."""
+    """A real `scribefarm server` process on a free loopback port: the one way tests,
+    benchmarks and the chaos suite start a board."""
 
-    database_url: str
+    database_url: str | None  # None: the server's own embedded PostgreSQL in data_dir
     data_dir: Path
     settings: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
@@ -94,13 +95,19 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def admin_url(self) -> str:
+        """The board's database, for a direct look from outside the server."""
+        if self.database_url:
+            return self.database_url
+        return f"postgresql://postgres:@/postgres?host={self.data_dir / 'postgres'}"
+
+    @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBEFARM_")}
-        env.update(
-            DATABASE_URL=self.database_url,
-            SCRIBEFARM_DATA_DIR=str(self.data_dir),
-            SCRIBEFARM_LOG_FORMAT="text",
-        )
+        env.pop("DATABASE_URL", None)
+        env.update(SCRIBEFARM_DATA_DIR=str(self.data_dir), SCRIBEFARM_LOG_FORMAT="text")
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
         env.update({f"SCRIBEFARM_{k.upper()}": str(v) for k, v in self.settings.items()})
         return env
 
@@ -121,7 +128,10 @@ class Server:
         try:
             wait_until_ready(self.url, self.process, timeout)
         except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}:\n{self.log_path.read_text()[-4000:]}") from exc
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from exc
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:
@@ -150,7 +160,7 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, **{"timeout": 60, **kwargs})
 
     def sql(self, query: str, *args: Any) -> list[dict[str, Any]]:
-        return sql(self.database_url, query, *args)
+        return sql(self.admin_url, query, *args)
 
 
 def submit(client: httpx.Client, content: bytes, filename: str = "a.wav", **options: Any):
