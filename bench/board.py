@@ -34,7 +34,8 @@ import asyncpg
 import httpx
 import psutil
 
-from bench import common
+from bench import machine
+from bench.results import publish, verdict
 from server.settings import Settings
 from shared.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from tests.farm import BURST_SETTINGS, Server, with_database
@@ -720,7 +721,7 @@ async def run(opts: Options) -> Report:
                 print(progress(row), flush=True)
                 report.rows.append(row)
         await run_peer(board.admin_url, report)
-    report.machine["load_end"] = common.load_average()
+    report.machine["load_end"] = machine.load_average()
     return report
 
 
@@ -761,14 +762,10 @@ def progress(row: Throughput) -> str:
 def machine_info() -> dict[str, str]:
     """The shared machine description, plus the load average: other work on the machine
     takes cores from the board."""
-    return {**common.machine_info(), "load": common.load_average()}
+    return {**machine.machine_info(), "load": machine.load_average()}
 
 
 # --- the report ----------------------------------------------------------------------------
-
-
-def verdict(met: bool) -> str:
-    return "met" if met else "**not met**"
 
 
 def throughput_table(rows: list[Throughput]) -> list[str]:
@@ -950,7 +947,7 @@ def parse(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> None:
     opts = parse(argv)
     report = event_loop_run(run(opts))
-    common.publish(SECTION, render(report), record=not opts.quick)
+    publish(SECTION, render(report), record=not opts.quick)
 
 
 def event_loop_run(coro: Any) -> Report:

@@ -26,17 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    command_line,
-    header_lines,
-    load_average,
-    log,
-    machine_info,
-    media,
-    publish,
-    verdict,
-    wait_until_quiet,
-)
+from bench import log
+from bench.harness import media
+from bench.machine import load_average, machine_info, wait_until_quiet
+from bench.results import command_line, header_lines, publish, verdict
 from tests.chaos.harness import KINDS, LABELS, ChaosConfig, ChaosFarm, RoundReport, make_files
 
 SECTION = "## Chaos (bench/chaos.py)"

@@ -28,17 +28,10 @@ from pathlib import Path
 
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-from bench.common import (
-    Farm,
-    command_line,
-    header_lines,
-    load_average,
-    log,
-    machine_info,
-    publish,
-    verdict,
-    wait_until_quiet,
-)
+from bench import log
+from bench.harness import Farm
+from bench.machine import load_average, machine_info, wait_until_quiet
+from bench.results import command_line, header_lines, publish, verdict
 from tests.realspeech import Recording, default_cache_dir, evaluation_set, excerpt
 from tests.scoring import Score, TimedText, score
 from tests.speech import decode

