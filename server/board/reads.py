@@ -13,6 +13,22 @@ from server.board.errors import not_found
 from server.board.fanout import CHUNK_RESULTS
 from server.settings import Settings
 
+
+def ran_the_model_within(seconds: str) -> str:
+    """Transcribe jobs that ran the model (a cached chunk ran none) and finished within
+    the last `seconds` (a parameter): what every "recent speed" is measured on, through
+    ix_jobs_finished."""
+    return f"""finished_at > now() - make_interval(secs => {seconds}) AND state = 'succeeded'
+      AND kind = 'transcribe' AND NOT coalesce((result ->> 'cached')::boolean, false)"""
+
+
+# An unfinished job's state as the dashboard and /metrics name it: leased (a live
+# lease), queued (never tried) or retrying (waiting for another attempt, or its lease
+# ran out).
+OPEN_JOB_STATE = """CASE WHEN state = 'leased' AND lease_expires_at > now() THEN 'leased'
+                WHEN state = 'queued' AND attempts = 0 THEN 'queued'
+                ELSE 'retrying' END"""
+
 # Every model a worker has registered with (a sequential scan of a small table).
 SERVED_MODELS = "SELECT DISTINCT unnest(models) AS model FROM workers ORDER BY 1"
 
@@ -57,7 +73,7 @@ WHERE t.id = $1 AND ($2::uuid IS NULL OR t.api_key_id = $2)
 # a small table: one row per registration), with their live leases (ix_jobs_leased) and
 # what their model transcribed in the last $2 seconds (ix_jobs_finished; cached chunks
 # ran no model).
-DASHBOARD_WORKERS = """
+DASHBOARD_WORKERS = f"""
 WITH live AS (
     SELECT j.worker_id, count(*) AS n,
            json_agg(json_build_object(
@@ -73,8 +89,7 @@ WITH live AS (
     SELECT worker_id, sum(end_seconds - start_seconds) AS audio_seconds,
            sum((result ->> 'processing_seconds')::float8) AS busy_seconds
     FROM jobs
-    WHERE finished_at > now() - make_interval(secs => $2) AND state = 'succeeded'
-      AND kind = 'transcribe' AND NOT coalesce((result ->> 'cached')::boolean, false)
+    WHERE {ran_the_model_within("$2")}
     GROUP BY worker_id
 )
 SELECT w.id, w.name, w.engine, w.device, w.models, w.batch_size, w.jobs_done,
@@ -96,15 +111,13 @@ LIMIT 500
 # most jobs unfinished at once (from each job's creation and end: ix_jobs_finished for
 # the jobs finished since, plus the unfinished ones); the newest $2 dead jobs
 # (ix_jobs_dead, then primary key lookups).
-DASHBOARD_BOARD = """
+DASHBOARD_BOARD = f"""
 WITH open_jobs AS (
     SELECT kind, state, attempts, lease_expires_at, created_at
     FROM jobs WHERE state IN ('queued', 'leased')
 ), counts AS (
     SELECT kind,
-           CASE WHEN state = 'leased' AND lease_expires_at > now() THEN 'leased'
-                WHEN state = 'queued' AND attempts = 0 THEN 'queued'
-                ELSE 'retrying' END AS state,
+           {OPEN_JOB_STATE} AS state,
            count(*) AS n
     FROM open_jobs GROUP BY 1, 2
     UNION ALL
@@ -160,7 +173,7 @@ SELECT (SELECT coalesce(json_agg(counts), '[]') FROM counts) AS counts,
 # being worked on; and, per worker, the audio it transcribed in the last $1 seconds over
 # the time from its first claim to its last completion in them (ix_jobs_finished;
 # cached chunks ran no model).
-AUTOSCALER_QUEUE = """
+AUTOSCALER_QUEUE = f"""
 WITH open_jobs AS (
     SELECT state = 'leased' AND lease_expires_at > now() AS live,
            coalesce(end_seconds - start_seconds, 0) AS seconds
@@ -169,8 +182,7 @@ WITH open_jobs AS (
     SELECT sum(end_seconds - start_seconds) AS audio_seconds,
            extract(epoch FROM max(finished_at) - min(leased_at))::float8 AS busy_seconds
     FROM jobs
-    WHERE finished_at > now() - make_interval(secs => $1) AND state = 'succeeded'
-      AND kind = 'transcribe' AND NOT coalesce((result ->> 'cached')::boolean, false)
+    WHERE {ran_the_model_within("$1")}
     GROUP BY worker_id
 )
 SELECT (SELECT count(*) FILTER (WHERE NOT live) FROM open_jobs) AS queued_jobs,
@@ -197,12 +209,10 @@ FROM jobs WHERE state IN ('queued', 'leased')
 # model's × realtime over the last $1 seconds (ix_jobs_finished); live workers (a
 # sequential scan of a small table); failed webhook deliveries
 # (ix_webhook_deliveries_failed) and pending ones already tried (ix_webhook_deliveries_due).
-METRICS = """
+METRICS = f"""
 WITH open_jobs AS (
     SELECT kind, coalesce(end_seconds - start_seconds, 0) AS seconds,
-           CASE WHEN state = 'leased' AND lease_expires_at > now() THEN 'leased'
-                WHEN state = 'queued' AND attempts = 0 THEN 'queued'
-                ELSE 'retrying' END AS state,
+           {OPEN_JOB_STATE} AS state,
            state = 'leased' AND lease_expires_at <= now() AS expired_lease
     FROM jobs WHERE state IN ('queued', 'leased')
 ), by_state AS (
@@ -215,8 +225,7 @@ WITH open_jobs AS (
     SELECT model, sum(end_seconds - start_seconds)
                   / nullif(sum((result ->> 'processing_seconds')::float8), 0) AS realtime
     FROM jobs
-    WHERE finished_at > now() - make_interval(secs => $1) AND state = 'succeeded'
-      AND kind = 'transcribe' AND NOT coalesce((result ->> 'cached')::boolean, false)
+    WHERE {ran_the_model_within("$1")}
     GROUP BY model
 )
 SELECT (SELECT coalesce(json_agg(by_state), '[]') FROM by_state) AS jobs,
