@@ -18,7 +18,6 @@ import argparse
 import random
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,10 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from bench import log
 from bench.harness import Farm, media
-from bench.machine import Disturbances, load_average, machine_info, wait_until_quiet
+from bench.machine import Disturbances
 from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
 from bench.phases import BREAKDOWN_HEADER, Phases, breakdown_row, phase_lines, phases
-from bench.results import command_line, header_lines, publish, seconds_list, verdict
+from bench.results import command_line, header_lines, run, seconds_list, verdict
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE, ffmpeg_binary
 from worker.chunking import plan_source
@@ -414,13 +413,7 @@ def parse(argv: list[str] | None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> None:
-    options = parse(argv)
-    quiet = wait_until_quiet(options.quiet_timeout, enabled=options.quiet_timeout > 0)
-    load_start, info = load_average(), machine_info()
-    with tempfile.TemporaryDirectory(prefix="bench-farm-") as work:
-        results = measure(options, Path(work))
-    section = report(results, info, load_start, quiet)
-    publish(SECTION, section, options.record)
+    run(SECTION, parse(argv), measure, report)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import os
 import random
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +28,10 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from bench import log
 from bench.harness import Farm, media
-from bench.machine import Disturbances, load_average, machine_info, wait_until_quiet
+from bench.machine import Disturbances
 from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
 from bench.phases import BREAKDOWN_HEADER, Phases, breakdown_row, phase_lines, phases
-from bench.results import command_line, header_lines, publish, seconds_list, verdict
+from bench.results import command_line, header_lines, run, seconds_list, verdict
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE
 from worker.engines import resolve_model
@@ -483,13 +482,7 @@ def parse(argv: list[str] | None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> None:
-    options = parse(argv)
-    quiet = wait_until_quiet(options.quiet_timeout, enabled=options.quiet_timeout > 0)
-    load_start, info = load_average(), machine_info()
-    with tempfile.TemporaryDirectory(prefix="bench-many-short-") as work:
-        results = measure(options, Path(work))
-    section = report(results, info, load_start, quiet)
-    publish(SECTION, section, options.record)
+    run(SECTION, parse(argv), measure, report)
 
 
 if __name__ == "__main__":

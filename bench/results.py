@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import ROOT
-from bench.machine import load_average
+from bench.machine import load_average, machine_info, wait_until_quiet
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
@@ -67,3 +70,15 @@ def command_line() -> str:
         [Path(sys.argv[0]).with_suffix("").relative_to(ROOT).as_posix().replace("/", ".")]
         + sys.argv[1:]
     )
+
+
+def run(
+    section: str, options: Any, measure: Callable[[Any, Path], Any], report: Callable[..., str]
+):
+    """A benchmark's whole run: waits for a quiet machine (`options.quiet_timeout`),
+    measures in a scratch folder, reports, and records unless `options.record` is off."""
+    quiet = wait_until_quiet(options.quiet_timeout, enabled=options.quiet_timeout > 0)
+    load_start, info = load_average(), machine_info()
+    with tempfile.TemporaryDirectory(prefix="scribefarm-bench-") as work:
+        results = measure(options, Path(work))
+    publish(section, report(results, info, load_start, quiet), options.record)
