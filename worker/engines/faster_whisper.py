@@ -48,7 +48,13 @@ from faster_whisper.transcribe import Word as FwWord
 
 from shared.protocol import Segment, Word
 from worker.audio import SAMPLE_RATE
-from worker.engines import EngineInput, EngineOutput, model_name, resolve_model
+from worker.engines import (
+    EngineInput,
+    EngineOutput,
+    WhisperLanguage,
+    model_name,
+    resolve_model,
+)
 from worker.phrases import TimedWord, group_words, phrase_text
 from worker.vad import detect_speech, pack_windows
 
@@ -98,7 +104,7 @@ class _Alignments:
         return self.alignments
 
 
-class FasterWhisperEngine:
+class FasterWhisperEngine(WhisperLanguage):
     name = "faster-whisper"
 
     def __init__(
@@ -131,16 +137,6 @@ class FasterWhisperEngine:
             for i in range(0, len(group_list), self.batch_size):
                 self._decode(group_list[i : i + self.batch_size])
         return [self._finish(chunk) for chunk in chunks]
-
-    @property
-    def multilingual(self) -> bool:
-        return self.model.model.is_multilingual
-
-    def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
-        if not self.multilingual:
-            return None
-        chunk = self._prepare(item)
-        return None if chunk.language is None else (chunk.language, chunk.language_probability)
 
     def _prepare(self, item: EngineInput) -> _Chunk:
         chunk = _Chunk(item)

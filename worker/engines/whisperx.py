@@ -54,7 +54,13 @@ with warnings.catch_warnings():
 
 from shared.protocol import Segment, Word  # noqa: E402
 from worker.audio import SAMPLE_RATE  # noqa: E402
-from worker.engines import EngineInput, EngineOutput, model_name, resolve_model  # noqa: E402
+from worker.engines import (  # noqa: E402
+    EngineInput,
+    EngineOutput,
+    WhisperLanguage,
+    model_name,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +108,7 @@ class _Chunk:
     decoded: list[dict[str, Any]] = field(default_factory=list)  # whisperx segments, in order
 
 
-class WhisperXEngine:
+class WhisperXEngine(WhisperLanguage):
     name = "whisperx"
 
     def __init__(
@@ -138,16 +144,6 @@ class WhisperXEngine:
             for start in range(0, len(windows), self.batch_size):
                 self._decode(windows[start : start + self.batch_size], language)
         return [self._finish(chunk) for chunk in chunks]
-
-    @property
-    def multilingual(self) -> bool:
-        return self.model.model.is_multilingual
-
-    def detect_language(self, item: EngineInput) -> tuple[str, float] | None:
-        if not self.multilingual:
-            return None
-        chunk = self._prepare(item)
-        return None if chunk.language is None else (chunk.language, chunk.language_probability)
 
     # --- steps ------------------------------------------------------------------
 
