@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
 from server.errors import ApiError, error_responses
-from server.state import server_state
+from server.state import ServerState, server_state
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -133,7 +133,7 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
     return ClaimResponse(jobs=[claimed_job(row, base, state) for row in rows])
 
 
-def claimed_job(row: Any, base_url: str, state: Any) -> ClaimedJob:
+def claimed_job(row: Any, base_url: str, state: ServerState) -> ClaimedJob:
     chunk = None
     if row["kind"] == "transcribe":
         chunk = ChunkSpan(

@@ -21,7 +21,7 @@ from tests.farm import create_database
 # and per key: scanned whole, by design.
 LARGE_TABLES = ("jobs", "transcriptions", "chunk_cache", "webhook_deliveries")
 
-# (module, statement, an index its plan uses; "pkey" for a primary key lookup)
+# (module, statement, an index its plan must use; None: an insert, a lock, or a small table)
 STATEMENTS = [
     (queue, "CLAIM", "ix_jobs_claimable"),
     (queue, "COUNT_CLAIMABLE", "ix_jobs_claimable"),
