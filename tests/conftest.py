@@ -20,7 +20,7 @@ from tests.farm import (
     free_port,
 )
 
-# What the quick tier (./dev test -m "not slow", a few minutes) leaves out: whole farms
+# What the quick tier (./dev test -m "not slow", under half the time) leaves out: whole farms
 # transcribing with the real model, real speech, a browser, fuzzing, chaos. The whole
 # suite (./dev test, and CI) runs everything.
 SLOW = (

@@ -178,11 +178,11 @@ async def get_transcript(
     caller: Submitter,
     format: TranscriptFormat = "json",
 ) -> Response:
-    board = server_state(request).board
+    state = server_state(request)
+    board, storage = state.board, state.storage
     row = await board.transcriptions.transcript(transcription_id, caller.owner_filter)
     suffix = "json" if format == "verbose_json" else format
     disposition = {"Content-Disposition": f'inline; filename="{transcription_id}.{suffix}"'}
-    storage = server_state(request).storage
     if format == "json" and row["transcript_key"]:  # stored as it is served
         if not await storage.exists(row["transcript_key"]):  # else a 404 mid-stream
             raise ApiError(404, "not_found", f"transcript object of {transcription_id} is gone")

@@ -9,6 +9,7 @@ from uuid import UUID
 import asyncpg
 
 from server.board.errors import OverLimit
+from server.board.locks import LOCK_KEY
 from server.settings import Settings
 
 # A key's active transcriptions (ix_transcriptions_active) and its submissions in the
@@ -25,6 +26,13 @@ FROM (SELECT created_at FROM transcriptions
       SELECT retried_at FROM transcriptions
       WHERE api_key_id = $1 AND retried_at > now() - interval '1 minute') AS recent(submitted)
 """
+
+
+async def hold(conn: asyncpg.Connection, settings: Settings, owner: UUID) -> None:
+    """Checks under the key's lock, held to the end of the transaction: two submissions
+    of one key cannot both pass the last free place."""
+    await conn.execute(LOCK_KEY, str(owner))
+    await check(conn, settings, owner)
 
 
 async def check(conn: asyncpg.Connection, settings: Settings, owner: UUID) -> None:

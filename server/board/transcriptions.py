@@ -14,7 +14,7 @@ import asyncpg
 from server import transcripts
 from server.board import cache, limits
 from server.board.errors import Conflict, not_found
-from server.board.locks import LOCK_KEY, LOCK_TRANSCRIPTION, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
+from server.board.locks import LOCK_TRANSCRIPTION, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
 from server.settings import Settings
 from server.storage import Storage
 
@@ -186,8 +186,7 @@ class Transcriptions:
         row += (options, model, options.get("priority", 0), dedup_key)
         async with self.pool.acquire() as conn, conn.transaction():
             if limited:
-                await conn.execute(LOCK_KEY, str(owner))
-                await limits.check(conn, self.settings, owner)
+                await limits.hold(conn, self.settings, owner)
             original = None
             if dedup_key and self.settings.dedup:
                 original = await conn.fetchrow(FIND_DUPLICATE, dedup_key, owner)
@@ -286,8 +285,7 @@ class Transcriptions:
         row = await self.get(transcription_id, owner)
         async with self.pool.acquire() as conn, conn.transaction():
             if owner is not None:  # a submit key's retry is new work: held to its limits
-                await conn.execute(LOCK_KEY, str(owner))
-                await limits.check(conn, self.settings, owner)
+                await limits.hold(conn, self.settings, owner)
             await conn.execute(LOCK_TRANSCRIPTION, transcription_id)
             result = await conn.fetchrow(RETRY_TRANSCRIPTION, transcription_id)
             if not result["retried"]:
