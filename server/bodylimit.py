@@ -7,8 +7,9 @@ Content-Length over the limit is answered 413 before a byte is read, and a strea
 (chunked) body is counted as it arrives and cut off when it crosses the limit.
 
 Each route class has its own limit, each a setting named in the 413:
-uploads `SCRIBEFARM_MAX_UPLOAD_BYTES` (plus the multipart overhead), chunk results
-`SCRIBEFARM_MAX_RESULT_BYTES`, everything else `SCRIBEFARM_MAX_REQUEST_BYTES`.
+uploads `SCRIBEFARM_MAX_UPLOAD_BYTES` (plus the multipart overhead), chunk results (one,
+or a batch's together) `SCRIBEFARM_MAX_RESULT_BYTES`, everything else
+`SCRIBEFARM_MAX_REQUEST_BYTES`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from server.uploads import MULTIPART_OVERHEAD
 
 # The routes whose body is an upload (multipart): POST only.
 UPLOAD_PATHS = re.compile(r"^/(v1/transcriptions|v1/audio/transcriptions|transcriptions)/?$")
-RESULT_PATHS = re.compile(r"^/v1/jobs/[^/]+/complete/?$")
+RESULT_PATHS = re.compile(r"^/v1/jobs/([^/]+/complete|batch)/?$")
 OPENAI_PATHS = re.compile(r"^/v1/audio/")
 
 
@@ -57,7 +58,7 @@ def limit_for(scope: Scope, settings: Settings) -> Limit:
         return Limit(
             settings.max_result_bytes,
             "result_too_large",
-            "the job result",
+            "the job result (a batch's together)",
             "SCRIBEFARM_MAX_RESULT_BYTES",
         )
     return Limit(

@@ -1,6 +1,6 @@
 """Background duties of every server process: wake long-polling claims when work may
-have arrived without a NOTIFY, rescue jobs whose last lease expired, and expire old
-transcriptions."""
+have arrived without a NOTIFY, rescue jobs whose last lease expired, merge transcripts
+whose last completion did not get to, and expire old transcriptions."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ async def poll(board: Board, doorbell: Doorbell, every_seconds: float) -> None:
             await board.fanout.refresh_statistics()
             if await board.queue.rescue_exhausted():
                 log.info("jobs whose last lease expired were marked dead")
+            if await board.fanout.merge_unmerged():
+                log.info("merged transcripts whose last completion did not")
             if doorbell.waiting:
                 doorbell.ring(await board.queue.count_claimable(doorbell.waiting))
         except (OSError, asyncpg.PostgresError) as exc:

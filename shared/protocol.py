@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
-PROTOCOL_VERSION = "1.3"
+PROTOCOL_VERSION = "1.4"
 PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 
 JobKind = Literal["chunk", "transcribe"]
@@ -300,3 +300,41 @@ class JobOutcome(BaseModel):
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable, machine-readable error code.")
     message: str = Field(description="What happened and what to do, for a person.")
+
+
+# --- batches -------------------------------------------------------------------
+
+
+class JobCompletion(CompleteRequest):
+    job_id: UUID
+
+
+class JobFailure(FailRequest):
+    job_id: UUID
+
+
+# One engine batch's completions and failures in one request, each fenced on its own
+# lease; with `claim`, the worker's next claim in the same round trip.
+MAX_BATCH = 256
+
+
+class BatchRequest(Strict):
+    completions: list[JobCompletion] = Field(default_factory=list, max_length=MAX_BATCH)
+    failures: list[JobFailure] = Field(default_factory=list, max_length=MAX_BATCH)
+    claim: ClaimRequest | None = Field(
+        default=None, description="Claim the next jobs once these are recorded."
+    )
+
+
+class BatchItemOutcome(BaseModel):
+    job_id: UUID
+    state: JobState | None = Field(default=None, description="Unset when `error` is.")
+    run_after: datetime | None = None
+    error: ErrorBody | None = Field(
+        default=None, description="Why this one changed nothing (409's and 422's codes)."
+    )
+
+
+class BatchOutcome(BaseModel):
+    outcomes: list[BatchItemOutcome] = Field(description="Completions first, then failures.")
+    jobs: list[ClaimedJob] = Field(default_factory=list, description="What `claim` claimed.")

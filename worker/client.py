@@ -21,6 +21,8 @@ from tenacity import (
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
+    BatchItemOutcome,
+    BatchOutcome,
     CachedChunk,
     CacheHits,
     ChunkSpan,
@@ -40,6 +42,10 @@ class LeaseLost(Exception):
 
 class BoardError(Exception):
     """The board refused a request in a way a retry cannot fix."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -83,7 +89,7 @@ class BoardClient:
                 if response.status_code >= 500 or response.status_code == 429:
                     response.raise_for_status()
                 if response.status_code >= 400:
-                    raise BoardError(f"{response.status_code}: {error_message(response)}")
+                    raise BoardError(response.status_code, error_message(response))
                 return response.json()
 
     async def register(self, caps: WorkerCapabilities) -> Registration:
@@ -114,9 +120,25 @@ class BoardClient:
     async def heartbeat(self, job: ClaimedJob) -> None:
         await self._post(f"/v1/jobs/{job.id}/heartbeat", {"lease_id": str(job.lease_id)})
 
-    async def complete(self, job: ClaimedJob, result: Any) -> JobOutcome:
-        body = {"lease_id": str(job.lease_id), "result": result.model_dump(mode="json")}
-        return JobOutcome.model_validate(await self._post(f"/v1/jobs/{job.id}/complete", body))
+    async def complete(self, finished: list[tuple[ClaimedJob, Any]]) -> list[BatchItemOutcome]:
+        """Results of many jobs in one request, each fenced on its own lease (a lost one
+        is its outcome's `error`). A batch over the board's result limit goes in halves."""
+        completions = [
+            {
+                "job_id": str(job.id),
+                "lease_id": str(job.lease_id),
+                "result": result.model_dump(mode="json"),
+            }
+            for job, result in finished
+        ]
+        try:
+            data = await self._post("/v1/jobs/batch", {"completions": completions})
+        except BoardError as exc:
+            if exc.status != 413 or len(finished) == 1:
+                raise
+            half = len(finished) // 2
+            return await self.complete(finished[:half]) + await self.complete(finished[half:])
+        return BatchOutcome.model_validate(data).outcomes
 
     async def settle(self, job: ClaimedJob, chunks: list[ChunkSpan]) -> None:
         body = {"lease_id": str(job.lease_id), "chunks": [c.model_dump() for c in chunks]}

@@ -205,7 +205,7 @@ class Worker:
             log.exception("chunking job %s failed", job.id)
             await self._fail(job, f"chunking failed: {exc}", permanent=False)
             return
-        await self._finish(job, plan)
+        await self._finish([(job, plan)])
 
     def _settler(self, job: ClaimedJob) -> Callable[[list[ChunkSpan]], None]:
         """What the planner (in its thread) calls with settled chunks: they are sent to
@@ -255,9 +255,9 @@ class Worker:
             item = self._engine_input(job, audio, job.chunk)
             inputs.append((job, item, cache_key(item, self.engine)))
         cached = await self._cached([key for _, _, key in inputs], [j.id for j, _, _ in inputs])
-        for job, _, key in inputs:
-            if key in cached:
-                await self._finish(job, reuse(job, cached[key], key))
+        await self._finish(
+            [(job, reuse(job, cached[key], key)) for job, _, key in inputs if key in cached]
+        )
         await self._run_engine([entry for entry in inputs if entry[2] not in cached])
 
     @functools.cached_property
@@ -301,6 +301,7 @@ class Worker:
             return
         elapsed = time.perf_counter() - started
         total = sum(len(item.audio) for _, item, _ in inputs) or 1
+        finished = []
         for (job, item, key), output in zip(inputs, outputs, strict=True):
             result = ChunkTranscript(
                 segments=output.segments,
@@ -310,7 +311,8 @@ class Worker:
                 processing_seconds=elapsed * len(item.audio) / total,
                 cache_key=key,
             )
-            await self._finish(job, result)
+            finished.append((job, result))
+        await self._finish(finished)
 
     @staticmethod
     def _engine_input(job: ClaimedJob, audio: np.ndarray, chunk: ChunkSpan) -> EngineInput:
@@ -334,29 +336,43 @@ class Worker:
 
     # --- leases ---------------------------------------------------------------
 
-    async def _finish(self, job: ClaimedJob, result) -> None:
-        await self._report(job, self.client.complete(job, result))
-        self.jobs_done += 1
+    async def _finish(self, finished: list[tuple[ClaimedJob, ChunkPlan | ChunkTranscript]]):
+        """Completes a batch's jobs in one request; results of lost leases are dropped."""
+        sending = [(job, result) for job, result in finished if not self._lost(job)]
+        try:
+            outcomes = await self.client.complete(sending) if sending else []
+        finally:
+            for job, _ in sending:
+                self._forget(job)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                log.info("dropping the result of job %s: %s", outcome.job_id, outcome.error.message)
+        self.jobs_done += len(finished)
 
     async def _fail(self, job: ClaimedJob, reason: str, permanent: bool) -> None:
         log.warning(
             "job %s failed (%s): %s", job.id, "permanent" if permanent else "will retry", reason
         )
-        await self._report(job, self.client.fail(job, reason, permanent))
-
-    async def _report(self, job: ClaimedJob, request) -> None:
-        key = str(job.id)
+        if self._lost(job):
+            return
         try:
-            if key in self.lost:
-                request.close()
-                log.info("dropping the result of job %s: its lease was lost", key)
-                return
-            await request
+            await self.client.fail(job, reason, permanent)
         except LeaseLost as exc:
-            log.info("dropping the result of job %s: %s", key, exc)
+            log.info("dropping the failure of job %s: %s", job.id, exc)
         finally:
-            self.held.pop(key, None)
-            self.lost.discard(key)
+            self._forget(job)
+
+    def _lost(self, job: ClaimedJob) -> bool:
+        """A job whose heartbeat found its lease gone: its work is dropped unsent."""
+        if str(job.id) not in self.lost:
+            return False
+        log.info("dropping the work of job %s: its lease was lost", job.id)
+        self._forget(job)
+        return True
+
+    def _forget(self, job: ClaimedJob) -> None:
+        self.held.pop(str(job.id), None)
+        self.lost.discard(str(job.id))
 
     async def _heartbeat_loop(self, every_seconds: float) -> None:
         while True:

@@ -7,17 +7,22 @@ one gets 409 and changes nothing.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Request
 
 from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
+from server.board.errors import BoardError
 from server.errors import ApiError, error_responses
 from server.state import ServerState, server_state
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
+    BatchItemOutcome,
+    BatchOutcome,
+    BatchRequest,
     CacheHits,
     CacheLookup,
     ChunkSpan,
@@ -25,6 +30,7 @@ from shared.protocol import (
     ClaimRequest,
     ClaimResponse,
     CompleteRequest,
+    ErrorBody,
     FailRequest,
     JobOutcome,
     LeaseRequest,
@@ -95,6 +101,10 @@ async def register(request: Request, caps: WorkerCapabilities, caller: WorkerKey
 async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> ClaimResponse:
     """Claims up to `max_jobs` jobs this worker can run; waits up to `wait_seconds` for
     work to arrive when there is none."""
+    return ClaimResponse(jobs=await claim_jobs(request, body, caller))
+
+
+async def claim_jobs(request: Request, body: ClaimRequest, caller: Caller) -> list[ClaimedJob]:
     state = server_state(request)
     loop = asyncio.get_running_loop()
     # An idle worker must be heard from before it would look gone.
@@ -122,7 +132,7 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
                 await asyncio.wait({rung, hung_up}, return_when=asyncio.FIRST_COMPLETED)
                 if hung_up.done():
                     rung.cancel()
-                    return ClaimResponse(jobs=[])
+                    return []
                 if not await state.keys.active(state.board, caller.key_id):
                     raise key_gone()
                 if rung.result():  # the database is asked again only when rung
@@ -130,7 +140,7 @@ async def claim(request: Request, body: ClaimRequest, caller: WorkerKey) -> Clai
         finally:
             hung_up.cancel()
     base = state.settings.public_url or str(request.base_url).rstrip("/")
-    return ClaimResponse(jobs=[claimed_job(row, base, state) for row in rows])
+    return [claimed_job(row, base, state) for row in rows]
 
 
 def claimed_job(row: Any, base_url: str, state: ServerState) -> ClaimedJob:
@@ -193,6 +203,39 @@ async def complete(
     transcribe job to finish merges the transcript, in the same transaction."""
     state = await server_state(request).board.queue.complete(job_id, body.lease_id, body.result)
     return JobOutcome(state=state)
+
+
+@router.post(
+    "/jobs/batch",
+    response_model=BatchOutcome,
+    responses=error_responses(
+        404, descriptions={404: "`claim` names a worker not registered with this key."}
+    ),
+)
+async def batch(request: Request, body: BatchRequest, caller: WorkerKey) -> BatchOutcome:
+    """Completes and fails many jobs in one request (an engine batch), each fenced on its
+    own lease: a lost lease is that item's `error`, not the request's. With `claim`, then
+    claims the next jobs, as `POST /v1/jobs/claim` does: one round trip per batch."""
+    queue = server_state(request).board.queue
+    outcomes = []
+    for done in body.completions:
+        outcomes.append(
+            await outcome_of(done.job_id, queue.complete(done.job_id, done.lease_id, done.result))
+        )
+    for failed in body.failures:
+        failing = queue.fail(failed.job_id, failed.lease_id, failed.error, failed.permanent)
+        outcomes.append(await outcome_of(failed.job_id, failing))
+    jobs = await claim_jobs(request, body.claim, caller) if body.claim else []
+    return BatchOutcome(outcomes=outcomes, jobs=jobs)
+
+
+async def outcome_of(job_id: UUID, recording: Awaitable) -> BatchItemOutcome:
+    try:
+        result = await recording
+    except BoardError as exc:
+        return BatchItemOutcome(job_id=job_id, error=ErrorBody(code=exc.code, message=exc.message))
+    state, run_after = result if isinstance(result, tuple) else (result, None)
+    return BatchItemOutcome(job_id=job_id, state=state, run_after=run_after)
 
 
 @router.post("/jobs/{job_id}/chunks", response_model=JobOutcome, responses=LEASE_ERRORS)

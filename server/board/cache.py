@@ -27,9 +27,6 @@ JOIN transcriptions t ON t.id = j.transcription_id
 WHERE j.id = ANY($1::uuid[]) AND j.state = 'leased' AND w.api_key_id = $2
 """
 
-# Primary key.
-TRANSCRIPTION_OWNER = "SELECT api_key_id FROM transcriptions WHERE id = $1"
-
 # Primary key; the first result stored for a key stays.
 CACHE_STORE = """
 INSERT INTO chunk_cache (key, result) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING
@@ -81,16 +78,20 @@ class ChunkCache:
         return {scoped[row["key"]]: row["result"] for row in rows}
 
 
-async def store(conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript) -> None:
+async def store(
+    db: asyncpg.Pool | asyncpg.Connection,
+    owner: UUID,
+    start_seconds: float,
+    result: ChunkTranscript,
+) -> None:
     """Keeps a transcribe job's result for its owner, relative to the chunk's start, so
     the same audio elsewhere in a file reuses it."""
-    owner = await conn.fetchval(TRANSCRIPTION_OWNER, job["transcription_id"])
     entry = CachedChunk(
-        segments=[s.shifted(-job["start_seconds"]) for s in result.segments],
+        segments=[s.shifted(-start_seconds) for s in result.segments],
         language=result.language,
         language_probability=result.language_probability,
     )
-    await conn.execute(
+    await db.execute(
         CACHE_STORE, scoped_key(owner, result.cache_key), entry.model_dump(mode="json")
     )
 

@@ -1,6 +1,7 @@
 """Fan-out and fan-in: a chunk job's plan becomes transcribe jobs (queued as chunks
-settle, and with its completion), and the last transcribe job to finish merges the
-transcript. Each runs inside its caller's transaction, under the transcription's lock."""
+settle, and with its completion), inside the chunk job's transaction, under the
+transcription's lock; the transcribe job whose completion counts the last one done
+(Queue.complete) has the transcript merged, in a transaction of its own."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from uuid import UUID
 import asyncpg
 
 from server import transcripts
-from server.board import cache
 from server.board.locks import notify_jobs
 from server.board.transcriptions import Transcriptions
 from server.settings import Settings
-from shared.protocol import ChunkPlan, ChunkSpan, ChunkTranscript
+from shared.protocol import ChunkPlan, ChunkSpan
 
 # Fan-out: one transcribe job per planned chunk, inserted as the chunk job reports
 # settled chunks and with its completion (whose plan holds them all). A chunk is the
@@ -56,19 +56,22 @@ WHERE id = $1 AND state IN ('queued', 'running')
 RETURNING jobs_done, jobs_total, duration_seconds
 """
 
-# Fan-in, under the transcription's lock (taken first), which serialises concurrent
-# completions: exactly one of them sees jobs_done reach jobs_total. One statement, so
-# the lock is held for one round trip. Primary key lookups.
-COUNT_DONE = """
-WITH stats AS (
-    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $3,
-                       busy_seconds = busy_seconds + $4, last_seen_at = now()
-    WHERE id = $2 AND NOT $5
-)
-UPDATE transcriptions
-SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $3
-WHERE id = $1 AND state = 'running'
-RETURNING jobs_done, jobs_total, duration_seconds
+# Primary key lookup, the first lock of the merge: a transcription whose plan is complete
+# and whose jobs are all done, still running (merged once, however many ask).
+MERGEABLE = """
+SELECT duration_seconds FROM transcriptions
+WHERE id = $1 AND state = 'running' AND duration_seconds IS NOT NULL
+  AND jobs_done >= jobs_total
+FOR UPDATE
+"""
+
+# ix_transcriptions_active: transcriptions whose last completion did not get to merge
+# them (the server stopped in between, or the merge failed).
+UNMERGED = """
+SELECT id FROM transcriptions
+WHERE state IN ('queued', 'running') AND state = 'running'
+  AND duration_seconds IS NOT NULL AND jobs_done >= jobs_total
+LIMIT 100
 """
 
 # Uses ix_jobs_transcription.
@@ -107,22 +110,25 @@ class FanOut:
         counts = await conn.fetchrow(
             PLANNED, transcription_id, plan.duration_seconds, len(plan.chunks), plan.language
         )
-        await self._merge_when_done(conn, transcription_id, counts)
+        # Transcribe jobs of settled chunks may all be done before the plan is; a plan of
+        # no chunks is an empty transcript, done now.
+        if counts is not None and counts["jobs_done"] >= counts["jobs_total"]:
+            await self._merge(conn, transcription_id, plan.duration_seconds)
 
-    async def transcribed(
-        self, conn: asyncpg.Connection, job: asyncpg.Record, result: ChunkTranscript
-    ) -> None:
-        counts = await conn.fetchrow(
-            COUNT_DONE,
-            job["transcription_id"],
-            job["worker_id"],
-            result.audio_seconds,
-            result.processing_seconds,
-            result.cached,
-        )
-        if result.cache_key and not result.cached:
-            await cache.store(conn, job, result)
-        await self._merge_when_done(conn, job["transcription_id"], counts)
+    async def merge(self, transcription_id: UUID) -> None:
+        """Merges the transcript of a transcription whose jobs are all done, once: in a
+        transaction of its own, after the last transcribe job's completion committed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            duration = await conn.fetchval(MERGEABLE, transcription_id)
+            if duration is not None:
+                await self._merge(conn, transcription_id, duration)
+
+    async def merge_unmerged(self) -> int:
+        """The sweep for completions that counted the last job but did not merge."""
+        unmerged = await self.pool.fetch(UNMERGED)
+        for row in unmerged:
+            await self.merge(row["id"])
+        return len(unmerged)
 
     async def refresh_statistics(self, threshold: int = 1000) -> None:
         """A large fan-out between autovacuum's visits leaves the planner thinking the
@@ -150,16 +156,8 @@ class FanOut:
             await notify_jobs(conn, added)
         return added
 
-    async def _merge_when_done(
-        self, conn: asyncpg.Connection, transcription_id: UUID, counts: asyncpg.Record | None
-    ) -> None:
-        """Merges the transcript once the plan is complete (duration known) and every
-        transcribe job is done; a plan of no chunks is an empty transcript, done now."""
-        if counts is None or counts["duration_seconds"] is None:
-            return
-        if counts["jobs_done"] < counts["jobs_total"]:
-            return
+    async def _merge(self, conn: asyncpg.Connection, transcription_id: UUID, duration: float):
         rows = await conn.fetch(CHUNK_RESULTS, transcription_id)
         chunks = [(r["start_seconds"], r["end_seconds"], r["result"]) for r in rows]
-        merged = transcripts.merge(chunks, counts["duration_seconds"])
+        merged = transcripts.merge(chunks, duration)
         await self.transcriptions.succeed(conn, transcription_id, merged)

@@ -1,7 +1,8 @@
 """The one lock order, and the hint that wakes long-polling claims.
 
 A transaction that changes a transcription and its jobs locks the transcription row
-first (LOCK_TRANSCRIPTION or LOCK_TRANSCRIPTION_OF_JOB), then jobs, then workers.
+first (LOCK_TRANSCRIPTION or LOCK_TRANSCRIPTION_OF_JOB), then jobs, then workers; the
+one-statement completion of a transcribe job (queue.COMPLETE_TRANSCRIBE) too.
 Claims never wait on a job or transcription (SKIP LOCKED).
 """
 

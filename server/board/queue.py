@@ -10,6 +10,7 @@ from uuid import UUID
 import asyncpg
 
 from server import metrics
+from server.board import cache
 from server.board.errors import Conflict, Invalid, NotFound, OverLimit
 from server.board.fanout import FanOut
 from server.board.locks import LOCK_KEY, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
@@ -30,6 +31,8 @@ CLAIMABLE = """
 CLAIMABLE_BY_WORKER = f"""{CLAIMABLE}
     AND kind = ANY(worker.kinds) AND (model IS NULL OR model = ANY(worker.models))
 """
+
+HEAD_CAP = 1024
 
 # Claims up to $3 jobs the worker can run, and takes over expired leases in the same
 # statement. Walks ix_jobs_claimable (priority DESC, submitted_at, seq) over the
@@ -53,12 +56,16 @@ WITH worker AS (
     WHERE workers.last_seen_at > now() - make_interval(secs => $6)
       AND workers.models && worker.models AND workers.kinds && worker.kinds
 ), share AS (
-    SELECT greatest(sum(seconds) / (SELECT workers FROM live), $5::float8 / 2) AS seconds
+    -- None (NULL) once the head holds {HEAD_CAP} jobs: with that much queued, no claim
+    -- leaves other workers idle, and reading the head costs each claim O(workers).
+    SELECT CASE WHEN count(*) < {HEAD_CAP}
+                THEN greatest(sum(seconds) / (SELECT workers FROM live), $5::float8 / 2)
+           END AS seconds
     FROM (
         SELECT coalesce(end_seconds - start_seconds, 0) AS seconds FROM jobs, worker
         WHERE {CLAIMABLE_BY_WORKER}
         ORDER BY priority DESC, submitted_at, seq
-        LIMIT $3 * (SELECT workers FROM live)
+        LIMIT least($3 * (SELECT workers FROM live), {HEAD_CAP})
     ) AS head
 ), candidates AS (
     SELECT jobs.id, jobs.priority, jobs.submitted_at, jobs.seq,
@@ -129,12 +136,46 @@ WHERE id = $1 AND lease_id = $2 AND state = 'leased'
 RETURNING lease_expires_at
 """
 
-# Primary key lookup; fenced on the lease.
+# Primary key lookup; fenced on the lease. A chunk job's completion: its plan fans out in
+# the same transaction, under its transcription's lock.
 COMPLETE = """
 UPDATE jobs SET state = 'succeeded', result = $3, finished_at = now(), lease_expires_at = NULL
 WHERE id = $1 AND lease_id = $2 AND state = 'leased'
-RETURNING kind, transcription_id, worker_id, start_seconds, end_seconds,
-          extract(epoch FROM now() - leased_at)::float8 AS lease_seconds
+RETURNING kind, transcription_id, extract(epoch FROM now() - leased_at)::float8 AS lease_seconds
+"""
+
+# A transcribe job's completion in one statement, so its transcription's row is locked
+# for one round trip, not across a transaction's (all workers complete chunks of the
+# same transcription at once). Primary key lookups, in the one lock order: the
+# transcription (the job's update waits on `transcription`), the job (fenced on the
+# lease), the worker's statistics, then the fan-in count; the completion that sees
+# jobs_done reach jobs_total merges, in a transaction of its own (FanOut.merge).
+COMPLETE_TRANSCRIBE = """
+WITH transcription AS (
+    SELECT t.id, t.api_key_id FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+    WHERE j.id = $1
+    FOR NO KEY UPDATE OF t
+), job AS (
+    UPDATE jobs SET state = 'succeeded', result = $3, finished_at = now(),
+                    lease_expires_at = NULL
+    WHERE id = $1 AND lease_id = $2 AND state = 'leased' AND kind = 'transcribe'
+      AND transcription_id = (SELECT id FROM transcription)
+    RETURNING transcription_id, worker_id, start_seconds,
+              extract(epoch FROM now() - leased_at)::float8 AS lease_seconds
+), stats AS (
+    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $4,
+                       busy_seconds = busy_seconds + $5, last_seen_at = now()
+    WHERE id = (SELECT worker_id FROM job) AND NOT $6
+), counted AS (
+    UPDATE transcriptions
+    SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $4
+    WHERE id = (SELECT transcription_id FROM job) AND state = 'running'
+    RETURNING jobs_done >= jobs_total AND duration_seconds IS NOT NULL AS all_done
+)
+SELECT job.transcription_id, job.start_seconds, job.lease_seconds,
+       (SELECT api_key_id FROM transcription) AS owner,
+       coalesce((SELECT all_done FROM counted), false) AS all_done
+FROM job
 """
 
 # Primary key lookups; fenced on the chunk job's lease, under its transcription's lock.
@@ -144,7 +185,7 @@ WHERE j.id = $1 AND j.lease_id = $2 AND j.state = 'leased' AND t.state IN ('queu
 """
 
 # Primary key lookup: why a fenced write matched nothing.
-JOB_STATE = "SELECT state, lease_id FROM jobs WHERE id = $1"
+JOB_STATE = "SELECT state, lease_id, kind FROM jobs WHERE id = $1"
 
 # Primary key lookup; fenced on the lease. Exponential backoff with jitter, from the
 # database clock; permanent errors and exhausted attempts go straight to dead.
@@ -257,19 +298,42 @@ class Queue:
         return expires
 
     async def complete(self, job_id: UUID, lease_id: UUID, result: ChunkPlan | ChunkTranscript):
+        if isinstance(result, ChunkPlan):
+            lease_seconds = await self._complete_plan(job_id, lease_id, result)
+        else:
+            lease_seconds = await self._complete_transcript(job_id, lease_id, result)
+        if lease_seconds is not None:  # None: the same completion again
+            metrics.observe_job(result.kind, lease_seconds)
+        return "succeeded"
+
+    async def _complete_plan(self, job_id: UUID, lease_id: UUID, plan: ChunkPlan):
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
-            job = await conn.fetchrow(COMPLETE, job_id, lease_id, result.model_dump(mode="json"))
+            job = await conn.fetchrow(COMPLETE, job_id, lease_id, plan.model_dump(mode="json"))
             if job is None:
-                return await repeated_completion(conn, job_id, lease_id)
-            if job["kind"] != result.kind:
+                return await repeated_completion(conn, job_id, lease_id, plan.kind)
+            if job["kind"] != plan.kind:
                 raise wrong_kind(job_id, job["kind"])
-            if isinstance(result, ChunkPlan):
-                await self.fanout.planned(conn, job["transcription_id"], result)
-            else:
-                await self.fanout.transcribed(conn, job, result)
-        metrics.observe_job(job["kind"], job["lease_seconds"])
-        return "succeeded"
+            await self.fanout.planned(conn, job["transcription_id"], plan)
+        return job["lease_seconds"]
+
+    async def _complete_transcript(self, job_id: UUID, lease_id: UUID, result: ChunkTranscript):
+        job = await self.pool.fetchrow(
+            COMPLETE_TRANSCRIBE,
+            job_id,
+            lease_id,
+            result.model_dump(mode="json"),
+            result.audio_seconds,
+            result.processing_seconds,
+            result.cached,
+        )
+        if job is None:
+            return await repeated_completion(self.pool, job_id, lease_id, result.kind)
+        if result.cache_key and not result.cached:
+            await cache.store(self.pool, job["owner"], job["start_seconds"], result)
+        if job["all_done"]:
+            await self.fanout.merge(job["transcription_id"])
+        return job["lease_seconds"]
 
     async def settle(self, job_id: UUID, lease_id: UUID, chunks: list[ChunkSpan]) -> None:
         """Queues the transcribe jobs of chunks a chunk job settled while still planning.
@@ -330,10 +394,15 @@ class Queue:
         return buried
 
 
-async def repeated_completion(conn, job_id: UUID, lease_id: UUID) -> str:
+async def repeated_completion(conn, job_id: UUID, lease_id: UUID, kind: str) -> None:
+    """Why a completion matched nothing: the same completion again (idempotent), a
+    result of the wrong kind, or a lease that is not current."""
     row = await conn.fetchrow(JOB_STATE, job_id)
-    if row is not None and row["state"] == "succeeded" and row["lease_id"] == lease_id:
-        return "succeeded"  # the same completion again: idempotent
+    if row is not None and row["lease_id"] == lease_id:
+        if row["kind"] != kind:
+            raise wrong_kind(job_id, row["kind"])
+        if row["state"] == "succeeded":
+            return None
     await raise_fenced(conn, job_id, lease_id)
 
 

@@ -395,6 +395,60 @@ def test_fan_in_happens_exactly_once_when_the_last_jobs_complete_together(
         w.close()
 
 
+def test_a_transcription_counted_done_but_not_merged_is_merged_by_the_sweep(
+    server, submitter, worker
+):
+    """A completion counts the last job done, then merges in a transaction of its own:
+    a server that stops in between leaves a running transcription with every job done,
+    which the maintenance loop merges."""
+    tid = submit_planned(submitter, worker, 2)
+    jobs = worker.claim(max_jobs=2)
+    assert worker.complete(jobs[0], chunk_transcript(jobs[0])).status_code == 200
+    # What the last completion's statement leaves when the server dies right after it.
+    last = chunk_transcript(jobs[1])
+    server.sql(
+        "UPDATE jobs SET state = 'succeeded', result = $2, finished_at = now() WHERE id = $1",
+        uuid.UUID(jobs[1]["id"]),
+        last,
+    )
+    server.sql("UPDATE transcriptions SET jobs_done = jobs_done + 1 WHERE id = $1", uuid.UUID(tid))
+    deadline = time.monotonic() + 10
+    while (view := submitter.get(f"/v1/transcriptions/{tid}").json())["state"] == "running":
+        assert time.monotonic() < deadline, "the sweep did not merge it"
+        time.sleep(0.2)
+    assert view["state"] == "succeeded"
+    transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript?format=json").json()
+    assert [s["text"] for s in transcript["segments"]] == ["chunk 0", "chunk 1"]
+
+
+def test_a_batch_records_each_job_on_its_own_lease_then_claims(server, submitter, worker):
+    """One request for an engine batch: a lost lease or a wrong result is that job's
+    error and changes nothing; the rest are recorded, and the next claim comes back."""
+    tid = submit_planned(submitter, worker, 5)
+    done, failing, stale, wrong = worker.claim(max_jobs=4)
+    completions = [
+        {"job_id": done["id"], "lease_id": done["lease_id"], "result": chunk_transcript(done)},
+        {"job_id": stale["id"], "lease_id": str(uuid.uuid4()), "result": chunk_transcript(stale)},
+        {"job_id": wrong["id"], "lease_id": wrong["lease_id"], "result": chunk_plan(1)},
+    ]
+    failures = [{"job_id": failing["id"], "lease_id": failing["lease_id"], "error": "disk full"}]
+    claim = {"worker_id": worker.id, "max_jobs": 5}
+    response = worker.http.post(
+        "/v1/jobs/batch", json={"completions": completions, "failures": failures, "claim": claim}
+    )
+    assert response.status_code == 200, response.text
+    outcomes = {o["job_id"]: o for o in response.json()["outcomes"]}
+    assert outcomes[done["id"]]["state"] == "succeeded"
+    assert outcomes[failing["id"]]["state"] == "queued" and outcomes[failing["id"]]["run_after"]
+    assert outcomes[stale["id"]]["state"] is None
+    assert outcomes[stale["id"]]["error"]["code"] == "lease_lost"
+    assert outcomes[wrong["id"]]["error"]["code"] == "wrong_result_kind"
+    # The one job left claimable (the failed one waits out its backoff).
+    assert [j["chunk"]["index"] for j in response.json()["jobs"]] == [4]
+    states = [r["state"] for r in job_rows(server, tid)[1:]]
+    assert states == ["succeeded", "queued", "leased", "leased", "leased"]
+
+
 # queued/leased -> canceled
 def test_cancel_stops_queued_work_and_leased_workers_learn_at_heartbeat(server, submitter, worker):
     tid = submit_planned(submitter, worker, 3)

@@ -48,7 +48,7 @@ def post(server, key, path, size, content_type="application/json", declare=False
 def expected(path: str, content_type: str) -> tuple[str, str]:
     if path in UPLOAD_PATHS and content_type.startswith("multipart/"):
         return "upload_too_large", "SCRIBEFARM_MAX_UPLOAD_BYTES"
-    if path.endswith("/complete"):
+    if path.endswith("/complete") or path == "/v1/jobs/batch":  # one result, or a batch's
         return "result_too_large", "SCRIBEFARM_MAX_RESULT_BYTES"
     return "body_too_large", "SCRIBEFARM_MAX_REQUEST_BYTES"
 

@@ -101,5 +101,23 @@ def test_409_means_the_lease_is_lost(board):
     Scripted.script = [(409, {"code": "lease_lost", "message": "lease is no longer current"})]
     client = BoardClient(board, "sf_key")
     with pytest.raises(LeaseLost, match="no longer current"):
-        run(client.complete(JOB, ChunkPlan(duration_seconds=1.0, chunks=[])))
+        run(client.heartbeat(JOB))
     assert len(Scripted.seen) == 1
+
+
+def test_a_batch_over_the_result_limit_goes_in_halves(board):
+    plan = ChunkPlan(duration_seconds=1.0, chunks=[])
+    finished = [(JOB.model_copy(update={"id": uuid.uuid4()}), plan) for _ in range(3)]
+    ids = [str(job.id) for job, _ in finished]
+    too_large = {"code": "result_too_large", "message": "over the limit"}
+
+    def outcomes(*indexes):
+        return {"outcomes": [{"job_id": ids[i], "state": "succeeded"} for i in indexes]}
+
+    # 3 → 1 + 2; the 2 are still too large → 1 + 1.
+    Scripted.script = [(413, too_large), (200, outcomes(0)), (413, too_large)]
+    Scripted.script += [(200, outcomes(1)), (200, outcomes(2))]
+    client = BoardClient(board, "sf_key")
+    got = run(client.complete(finished))
+    assert [str(o.job_id) for o in got] == ids
+    assert Scripted.seen == ["/v1/jobs/batch"] * 5
