@@ -348,17 +348,36 @@ class Tally:
 
 
 async def drain_loop(client: httpx.AsyncClient, worker_id: str, batch: int, tally: Tally) -> None:
-    """claim -> complete at once (the instant engine), until told to stop."""
+    """Complete what is held (the instant engine) and claim the next, in one request,
+    until told to stop."""
+    held: list[dict[str, Any]] = []
     while not tally.stopping:
         sent = time.perf_counter()
-        jobs = await claim(client, worker_id, batch, WAIT_SECONDS)
+        jobs = await complete_and_claim(client, worker_id, held, batch)
+        answered = time.perf_counter()
+        tally.completions += [answered] * len(held)
         if jobs:
-            tally.claims.append((sent, time.perf_counter() - sent))
-        for job in jobs:
-            await complete(client, job, instant_transcript(job))
-            tally.completions.append(time.perf_counter())
+            tally.claims.append((sent, answered - sent))
+        held = jobs
         if len(tally.completions) >= tally.target:
             tally.drained.set()
+
+
+async def complete_and_claim(
+    client: httpx.AsyncClient, worker_id: str, held: list[dict[str, Any]], max_jobs: int
+) -> list[dict[str, Any]]:
+    completions = [
+        {"job_id": job["id"], "lease_id": job["lease_id"], "result": instant_transcript(job)}
+        for job in held
+    ]
+    claim = {"worker_id": worker_id, "max_jobs": max_jobs, "wait_seconds": WAIT_SECONDS}
+    reply = ok(
+        await client.post("/v1/jobs/batch", json={"completions": completions, "claim": claim})
+    )
+    refused = [o for o in reply["outcomes"] if o["error"] is not None]
+    if refused:
+        raise RuntimeError(f"completions refused: {refused}")
+    return reply["jobs"]
 
 
 async def watch(tasks: list[asyncio.Task], seconds: float, until: asyncio.Event) -> None:
@@ -851,9 +870,11 @@ How it was measured:
   with {chunks}-chunk plans: fan-out), skips {warmup:g} s of ramp-up, then counts the
   cycles completed in a {seconds:g} s window (shorter if the queue drains); what is left
   is canceled. A cycle is one job claimed and completed; each completion fans in
-  (it locks its transcription's row) and the last one merges the transcript.
-- Claim latency is the claim request's round trip when it returned work. Each worker
-  long-polls with `wait_seconds={wait:g}`.
+  (one statement that locks its transcription's row) and the last one merges the
+  transcript. As the real worker does, each simulated worker sends the completions of
+  the jobs it holds with its next claim, in one request (`POST /v1/jobs/batch`).
+- Claim latency is that request's round trip when it returned work (the completions it
+  carried included). Each worker long-polls with `wait_seconds={wait:g}`.
 - Everything shares the machine's {cpus} cores: the CPU column (% of one core, as `top`
   shows it) splits them between the simulated workers (bench), the server and
   PostgreSQL. "Board CPU ms/cycle" is server + PostgreSQL CPU per cycle: the cost of a

@@ -21,13 +21,11 @@ from tenacity import (
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
-    BatchItemOutcome,
     BatchOutcome,
     CachedChunk,
     CacheHits,
     ChunkSpan,
     ClaimedJob,
-    ClaimResponse,
     JobOutcome,
     Registration,
     WorkerCapabilities,
@@ -102,14 +100,7 @@ class BoardClient:
     async def claim(
         self, max_jobs: int, wait_seconds: float, max_audio_seconds: float | None
     ) -> list[ClaimedJob]:
-        body = {
-            "worker_id": str(self.worker_id),
-            "max_jobs": max_jobs,
-            "wait_seconds": wait_seconds,
-            "max_audio_seconds": max_audio_seconds,
-        }
-        data = await self._post("/v1/jobs/claim", body, read_timeout=wait_seconds + 30)
-        return ClaimResponse.model_validate(data).jobs
+        return (await self.complete([], claim=(max_jobs, wait_seconds, max_audio_seconds))).jobs
 
     async def cached_chunks(self, keys: list[str], job_ids: list[UUID]) -> dict[str, CachedChunk]:
         """Hits for keys[i] among what the owner of job_ids[i] stored (the cache is per owner)."""
@@ -120,25 +111,35 @@ class BoardClient:
     async def heartbeat(self, job: ClaimedJob) -> None:
         await self._post(f"/v1/jobs/{job.id}/heartbeat", {"lease_id": str(job.lease_id)})
 
-    async def complete(self, finished: list[tuple[ClaimedJob, Any]]) -> list[BatchItemOutcome]:
+    async def complete(
+        self,
+        finished: list[tuple[ClaimedJob, Any]],
+        claim: tuple[int, float, float | None] | None = None,
+    ) -> BatchOutcome:
         """Results of many jobs in one request, each fenced on its own lease (a lost one
-        is its outcome's `error`). A batch over the board's result limit goes in halves."""
-        completions = [
-            {
-                "job_id": str(job.id),
-                "lease_id": str(job.lease_id),
-                "result": result.model_dump(mode="json"),
+        is its outcome's `error`), and with `claim` (max_jobs, wait_seconds,
+        max_audio_seconds) the next jobs in the same round trip. A batch over the board's
+        result limit (413) goes in halves, then the claim on its own."""
+        body: dict[str, Any] = {"completions": [completion(job, r) for job, r in finished]}
+        wait = 0.0
+        if claim is not None:
+            max_jobs, wait, max_audio_seconds = claim
+            body["claim"] = {
+                "worker_id": str(self.worker_id),
+                "max_jobs": max_jobs,
+                "wait_seconds": wait,
+                "max_audio_seconds": max_audio_seconds,
             }
-            for job, result in finished
-        ]
         try:
-            data = await self._post("/v1/jobs/batch", {"completions": completions})
+            data = await self._post("/v1/jobs/batch", body, read_timeout=wait + 30)
         except BoardError as exc:
-            if exc.status != 413 or len(finished) == 1:
+            if exc.status != 413 or len(finished) < 2:
                 raise
             half = len(finished) // 2
-            return await self.complete(finished[:half]) + await self.complete(finished[half:])
-        return BatchOutcome.model_validate(data).outcomes
+            first, rest = await self.complete(finished[:half]), await self.complete(finished[half:])
+            jobs = await self.claim(*claim) if claim is not None else []
+            return BatchOutcome(outcomes=first.outcomes + rest.outcomes, jobs=jobs)
+        return BatchOutcome.model_validate(data)
 
     async def settle(self, job: ClaimedJob, chunks: list[ChunkSpan]) -> None:
         body = {"lease_id": str(job.lease_id), "chunks": [c.model_dump() for c in chunks]}
@@ -150,6 +151,14 @@ class BoardClient:
 
     async def release(self, job: ClaimedJob) -> None:
         await self._post(f"/v1/jobs/{job.id}/release", {"lease_id": str(job.lease_id)})
+
+
+def completion(job: ClaimedJob, result: Any) -> dict[str, Any]:
+    return {
+        "job_id": str(job.id),
+        "lease_id": str(job.lease_id),
+        "result": result.model_dump(mode="json"),
+    }
 
 
 def error_message(response: httpx.Response) -> str:

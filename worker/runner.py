@@ -1,4 +1,5 @@
-"""The pull loop: register, then claim → process → complete, heartbeating meanwhile.
+"""The pull loop: register, then claim → process → complete, heartbeating meanwhile; a
+batch's completions go with the next claim, in one request.
 
 A worker is stateless: everything it holds is a lease, and a lease it cannot finish
 (it died, or lost the network) expires and another worker takes the job over.
@@ -25,6 +26,7 @@ import numpy as np
 
 from shared import urlguard
 from shared.protocol import (
+    BatchItemOutcome,
     CachedChunk,
     ChunkPlan,
     ChunkSpan,
@@ -63,6 +65,15 @@ def reuse(job: ClaimedJob, cached: CachedChunk, key: str) -> ChunkTranscript:
     )
 
 
+Finished = list[tuple[ClaimedJob, ChunkPlan | ChunkTranscript]]
+
+
+def log_dropped(outcomes: list[BatchItemOutcome]) -> None:
+    for outcome in outcomes:
+        if outcome.error is not None:
+            log.info("dropping the result of job %s: %s", outcome.job_id, outcome.error.message)
+
+
 @dataclass
 class WorkerConfig:
     server: str
@@ -90,6 +101,8 @@ class Worker:
         self.engine = engine
         self.client = BoardClient(config.server, config.key)
         self.held: dict[str, ClaimedJob] = {}
+        # Transcribe results not sent yet: they go with the next claim (or at exit).
+        self.finished: Finished = []
         self.lost: set[str] = set()
         self.jobs_done = 0
         self.stopping = False
@@ -139,33 +152,37 @@ class Worker:
                 idle_left = self.config.exit_when_idle - (time.monotonic() - last_busy)
                 if idle_left <= 0:
                     log.info("idle for %.0f s: exiting", self.config.exit_when_idle)
-                    return
+                    break
                 wait = min(wait, idle_left)
             jobs = await self._claim_jobs(wait)
             if jobs:
                 await self.process(jobs)
                 last_busy = time.monotonic()
+        await self._send(self._take_finished())
 
     def _reached_max_jobs(self) -> bool:
         return self.config.max_jobs is not None and self.jobs_done >= self.config.max_jobs
 
     async def _claim_jobs(self, wait: float) -> list[ClaimedJob]:
+        """Sends what the last batch finished and claims the next jobs, in one request."""
         capacity = self.config.batch_size
         if self.config.max_jobs is not None:
             capacity = min(capacity, self.config.max_jobs - self.jobs_done)
-        self._claim = asyncio.create_task(
-            self.client.claim(capacity, wait, self.config.claim_audio_seconds)
-        )
+        finished = self._take_finished()
+        claim = (capacity, wait, self.config.claim_audio_seconds)
+        self._claim = asyncio.create_task(self.client.complete(finished, claim=claim))
         try:
-            jobs = await self._claim
+            batch = await self._claim
         except asyncio.CancelledError:
-            if self.stopping:
+            if self.stopping:  # again, without the claim: a repeated completion is harmless
+                await self._send(finished)
                 return []
             raise
         finally:
             self._claim = None
-        self.held.update({str(job.id): job for job in jobs})
-        return jobs
+        log_dropped(batch.outcomes)
+        self.held.update({str(job.id): job for job in batch.jobs})
+        return batch.jobs
 
     async def process(self, jobs: list[ClaimedJob]) -> None:
         """Chunk jobs first (they unblock whole files), then one batch for the rest."""
@@ -255,7 +272,7 @@ class Worker:
             item = self._engine_input(job, audio, job.chunk)
             inputs.append((job, item, cache_key(item, self.engine)))
         cached = await self._cached([key for _, _, key in inputs], [j.id for j, _, _ in inputs])
-        await self._finish(
+        self._defer(
             [(job, reuse(job, cached[key], key)) for job, _, key in inputs if key in cached]
         )
         await self._run_engine([entry for entry in inputs if entry[2] not in cached])
@@ -312,7 +329,7 @@ class Worker:
                 cache_key=key,
             )
             finished.append((job, result))
-        await self._finish(finished)
+        self._defer(finished)
 
     @staticmethod
     def _engine_input(job: ClaimedJob, audio: np.ndarray, chunk: ChunkSpan) -> EngineInput:
@@ -336,18 +353,28 @@ class Worker:
 
     # --- leases ---------------------------------------------------------------
 
-    async def _finish(self, finished: list[tuple[ClaimedJob, ChunkPlan | ChunkTranscript]]):
-        """Completes a batch's jobs in one request; results of lost leases are dropped."""
-        sending = [(job, result) for job, result in finished if not self._lost(job)]
-        try:
-            outcomes = await self.client.complete(sending) if sending else []
-        finally:
-            for job, _ in sending:
-                self._forget(job)
-        for outcome in outcomes:
-            if outcome.error is not None:
-                log.info("dropping the result of job %s: %s", outcome.job_id, outcome.error.message)
+    async def _finish(self, finished: list[tuple[ClaimedJob, ChunkPlan]]) -> None:
+        """Completes jobs now: a chunk job's plan (the file's last chunks wait for it)."""
         self.jobs_done += len(finished)
+        self.finished += finished
+        await self._send(self._take_finished())
+
+    def _defer(self, finished: list[tuple[ClaimedJob, ChunkTranscript]]) -> None:
+        """A batch's transcripts go with the next claim: one round trip per batch."""
+        self.jobs_done += len(finished)
+        self.finished += finished
+
+    def _take_finished(self) -> Finished:
+        """What is to be sent, no longer held (heartbeats stop); lost leases' work dropped."""
+        finished = [(job, result) for job, result in self.finished if not self._lost(job)]
+        self.finished = []
+        for job, _ in finished:
+            self._forget(job)
+        return finished
+
+    async def _send(self, finished: Finished):
+        if finished:
+            log_dropped((await self.client.complete(finished)).outcomes)
 
     async def _fail(self, job: ClaimedJob, reason: str, permanent: bool) -> None:
         log.warning(

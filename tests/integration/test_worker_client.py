@@ -118,6 +118,6 @@ def test_a_batch_over_the_result_limit_goes_in_halves(board):
     Scripted.script = [(413, too_large), (200, outcomes(0)), (413, too_large)]
     Scripted.script += [(200, outcomes(1)), (200, outcomes(2))]
     client = BoardClient(board, "sf_key")
-    got = run(client.complete(finished))
+    got = run(client.complete(finished)).outcomes
     assert [str(o.job_id) for o in got] == ids
     assert Scripted.seen == ["/v1/jobs/batch"] * 5

@@ -22,7 +22,7 @@ def heartbeat_once(finished_meanwhile: bool) -> Worker:
         answered = asyncio.Event()
 
         async def heartbeat(_job: object) -> None:
-            if finished_meanwhile:  # _report's `finally` ran while this was on its way
+            if finished_meanwhile:  # its completion was sent while this was on its way
                 worker.held.pop(str(job.id))
             answered.set()
             raise LeaseLost(f"lease is no longer current for job {job.id} (the job is succeeded)")
