@@ -21,6 +21,7 @@ from server.dashboard import DashboardState
 from server.dashboard.events import OpenStreams
 from server.dashboard.session import SessionSigner
 from server.doorbell import Doorbell
+from server.leadership import Leadership
 from server.notifications import FinishedWaiter, Notifications
 from server.probes import ProbeLimiter
 from server.settings import Settings
@@ -51,19 +52,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         notifications.subscribe(JOBS_CHANNEL, state.doorbell.notified)
         state.finished = FinishedWaiter(notifications)
         sender = webhooks.WebhookSender(pool, settings, notifications)
+        # Board-wide duties run on one replica at a time: the leader.
+        duties = [lambda: maintenance.sweep(state.board, settings.poll_seconds)]
+        if settings.retention_days:
+            max_age = settings.retention_days * 86400
+            duties.append(lambda: maintenance.expire(state.board, state.storage, max_age))
+        if scaler:
+            duties.append(scaler.run)
+        state.leadership = Leadership(url, duties, settings.poll_seconds)
         background = [
             asyncio.create_task(notifications.run(url, settings.poll_seconds)),
             asyncio.create_task(
                 maintenance.poll(state.board, state.doorbell, settings.poll_seconds)
             ),
             asyncio.create_task(sender.run()),
+            asyncio.create_task(state.leadership.run()),
         ]
-        if settings.retention_days:
-            max_age = settings.retention_days * 86400
-            expire = maintenance.expire(state.board, state.storage, max_age)
-            background.append(asyncio.create_task(expire))
-        if scaler:
-            background.append(asyncio.create_task(scaler.run()))
         try:
             yield
         finally:

@@ -1,6 +1,7 @@
-"""Background duties of every server process: wake long-polling claims when work may
-have arrived without a NOTIFY, rescue jobs whose last lease expired, merge transcripts
-whose last completion did not get to, and expire old transcriptions."""
+"""Background duties. Every server process wakes its long-polling claims when work may
+have arrived without a NOTIFY; the leader (server/leadership.py) rescues jobs whose
+last lease expired, merges transcripts whose last completion did not get to, and
+expires old transcriptions."""
 
 from __future__ import annotations
 
@@ -22,14 +23,24 @@ async def poll(board: Board, doorbell: Doorbell, every_seconds: float) -> None:
         await asyncio.sleep(every_seconds)
         try:
             await board.fanout.refresh_statistics()
-            if await board.queue.rescue_exhausted():
-                log.info("jobs whose last lease expired were marked dead")
-            if await board.fanout.merge_unmerged():
-                log.info("merged transcripts whose last completion did not")
             if doorbell.waiting:
                 doorbell.ring(await board.queue.count_claimable(doorbell.waiting))
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("board poll failed, trying again: %s", exc)
+
+
+async def sweep(board: Board, every_seconds: float) -> None:
+    """What no request finishes: jobs whose last lease expired are dead, and a transcript
+    whose last completion did not get to merge it (the server stopped) is merged."""
+    while True:
+        await asyncio.sleep(every_seconds)
+        try:
+            if await board.queue.rescue_exhausted():
+                log.info("jobs whose last lease expired were marked dead")
+            if await board.fanout.merge_unmerged():
+                log.info("merged transcripts whose last completion did not")
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("board sweep failed, trying again: %s", exc)
 
 
 async def expire(board: Board, storage: Storage, max_age_seconds: float) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from server.dashboard import DashboardState
     from server.dashboard.events import OpenStreams
     from server.doorbell import Doorbell
+    from server.leadership import Leadership
     from server.notifications import FinishedWaiter
     from server.probes import ProbeLimiter
     from server.settings import Settings
@@ -45,6 +46,7 @@ class ServerState:
     board: Board = field(init=False)
     doorbell: Doorbell = field(init=False)
     finished: FinishedWaiter = field(init=False)
+    leadership: Leadership = field(init=False)
 
 
 def server_state(request: Request) -> ServerState:
