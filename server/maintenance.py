@@ -39,8 +39,8 @@ async def sweep(board: Board, every_seconds: float) -> None:
                 log.info("jobs whose last lease expired were marked dead")
             if await board.fanout.merge_unmerged():
                 log.info("merged transcripts whose last completion did not")
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("board sweep failed, trying again: %s", exc)
+        except Exception:  # a merge's storage or a bug: the sweep itself must go on
+            log.exception("board sweep failed, trying again")
 
 
 async def expire(board: Board, storage: Storage, max_age_seconds: float) -> None:

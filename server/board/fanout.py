@@ -115,20 +115,19 @@ class FanOut:
         if counts is not None and counts["jobs_done"] >= counts["jobs_total"]:
             await self._merge(conn, transcription_id, plan.duration_seconds)
 
-    async def merge(self, transcription_id: UUID) -> None:
+    async def merge(self, transcription_id: UUID) -> bool:
         """Merges the transcript of a transcription whose jobs are all done, once: in a
         transaction of its own, after the last transcribe job's completion committed."""
         async with self.pool.acquire() as conn, conn.transaction():
             duration = await conn.fetchval(MERGEABLE, transcription_id)
-            if duration is not None:
-                await self._merge(conn, transcription_id, duration)
+            if duration is None:
+                return False
+            await self._merge(conn, transcription_id, duration)
+            return True
 
     async def merge_unmerged(self) -> int:
         """The sweep for completions that counted the last job but did not merge."""
-        unmerged = await self.pool.fetch(UNMERGED)
-        for row in unmerged:
-            await self.merge(row["id"])
-        return len(unmerged)
+        return sum([await self.merge(row["id"]) for row in await self.pool.fetch(UNMERGED)])
 
     async def refresh_statistics(self, threshold: int = 1000) -> None:
         """A large fan-out between autovacuum's visits leaves the planner thinking the

@@ -12,7 +12,7 @@ from sqlmodel import SQLModel
 
 import server.models  # noqa: F401
 from server import db
-from tests.farm import create_database
+from tests.farm import create_database, sql
 
 
 def schema_differences(url: str) -> list:
@@ -34,3 +34,13 @@ def test_migrations_produce_exactly_the_models_schema(postgres_url):
     assert schema_differences(url) == []
     db.migrate(url)  # idempotent: a second run has nothing to do
     assert schema_differences(url) == []
+
+
+def test_the_queue_table_is_vacuumed_and_analyzed_after_one_percent_of_it_changes(postgres_url):
+    url = create_database(postgres_url)
+    db.migrate(url)
+    [jobs] = sql(url, "SELECT reloptions FROM pg_class WHERE relname = 'jobs'")
+    assert sorted(jobs["reloptions"]) == [
+        "autovacuum_analyze_scale_factor=0.01",
+        "autovacuum_vacuum_scale_factor=0.01",
+    ]
