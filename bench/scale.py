@@ -1,0 +1,297 @@
+"""Scale-out: one long file finished by many workers at once, and how busy a worker
+keeps its engine. The project's real Worker (worker.runner.Worker: claims, ffmpeg range
+reads, the chunk cache, completions with the next claim) runs with an engine that sleeps
+audio/SPEED seconds per batch, a GPU at SPEED× realtime, several Workers per process in
+several processes, against a real `scribefarm server` and its PostgreSQL. The board's
+own cycles per second and claim latency at 10 to 500 workers: bench/board.py.
+
+    .venv/bin/python -m bench.scale             # full run, records in bench/RESULTS.md
+    .venv/bin/python -m bench.scale --quick     # smoke check, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import ROOT, log
+from bench.farm import long_speech
+from bench.harness import Farm, media
+from bench.results import command_line, header_lines, run, verdict
+from shared.protocol import Segment
+from worker.engines import EngineInput, EngineOutput
+
+SECTION = "## Scale-out: one long file, many workers (bench/scale.py)"
+PROCESSES = 4  # the Workers of a run are spread over this many processes
+TARGET_SECONDS = 3.0  # 1-hour file, 30 workers at 200×: submit → succeeded
+TARGET_FIRST_CLAIM = 0.5  # upload stored → first transcribe job claimed
+TARGET_BUSY = 0.90  # one worker at 200×: engine busy share of its transcribing time
+
+
+class SleepingEngine:
+    """Takes audio/speed seconds per batch, as a GPU at `speed`× realtime would, and
+    returns one segment per chunk."""
+
+    name = "sleeping"
+    device = "cpu"
+    multilingual = False
+
+    def __init__(self, speed: float, batch_size: int = 8, model: str = "tiny.en") -> None:
+        self.speed, self.batch_size, self.models = speed, batch_size, [model]
+
+    def transcribe_batch(self, items: Sequence[EngineInput]) -> list[EngineOutput]:
+        time.sleep(sum(len(item.audio) for item in items) / 16000 / self.speed)
+        return [
+            EngineOutput(
+                segments=[Segment(start=i.offset, end=i.offset + len(i.audio) / 16000, text="x")],
+                language="en",
+            )
+            for i in items
+        ]
+
+    def detect_language(self, item: EngineInput) -> None:
+        return None
+
+
+def run_workers(server: str, key: str, names: list[str], speed: float) -> None:
+    """One process's share of the workers (this module run as `worker`)."""
+    from worker.runner import Worker, WorkerConfig
+
+    async def all_of_them() -> None:
+        workers = [
+            Worker(WorkerConfig(server=server, key=key, name=name), SleepingEngine(speed))
+            for name in names
+        ]
+        await asyncio.gather(*(w.run() for w in workers))
+
+    asyncio.run(all_of_them())
+
+
+@dataclass
+class SleepingWorkers:
+    """`count` Workers over PROCESSES processes, killed when done and then marked gone
+    on the board (as they would be once unheard of), so that the next run's claims do
+    not share the queue with them."""
+
+    farm: Farm
+    count: int
+    speed: float
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def __enter__(self) -> SleepingWorkers:
+        assert self.farm.server is not None
+        tag = f"s{self.speed:g}-{self.count}-{int(time.time() * 1000) % 100000}"
+        names = [f"{tag}-w{i}" for i in range(self.count)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for part in range(min(PROCESSES, self.count)):
+            share = names[part::PROCESSES]
+            command = [sys.executable, "-m", "bench.scale", "worker", self.farm.server.url]
+            command += [self.farm.keys["worker"], str(self.speed), *share]
+            self.processes.append(subprocess.Popen(command, env=env, cwd=ROOT))
+        deadline = time.monotonic() + 120
+        while len(self.farm.server.sql("SELECT 1 FROM workers WHERE name = ANY($1)", names)) < len(
+            names
+        ):
+            assert time.monotonic() < deadline, "workers did not register"
+            assert all(p.poll() is None for p in self.processes), "a worker process exited"
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self.farm.server is not None
+        for p in self.processes:
+            p.kill()
+            p.wait()
+        self.farm.server.sql("UPDATE workers SET last_seen_at = now() - interval '1 day'")
+
+
+@dataclass
+class LongFile:
+    workers: int
+    speed: float
+    seconds: float  # submit → succeeded
+    first_claim: float  # upload stored (row created) → first transcribe job claimed
+    planned: float  # row created → the chunk job completed
+    chunks: int
+    busy: float  # the workers' engine time / (their transcribe time), all together
+
+
+@dataclass
+class Results:
+    audio: float
+    runs: list[LongFile] = field(default_factory=list)
+
+
+TIMINGS_SQL = """
+SELECT extract(epoch FROM t.created_at) AS created,
+       extract(epoch FROM t.finished_at) AS finished, t.state,
+       (SELECT extract(epoch FROM min(j.leased_at)) FROM jobs j
+        WHERE j.transcription_id = t.id AND j.kind = 'transcribe') AS first_claim,
+       (SELECT extract(epoch FROM j.finished_at) FROM jobs j
+        WHERE j.transcription_id = t.id AND j.kind = 'chunk') AS planned,
+       (SELECT count(*) FROM jobs j
+        WHERE j.transcription_id = t.id AND j.kind = 'transcribe') AS chunks
+FROM transcriptions t WHERE t.id = $1
+"""
+
+# Per worker: its engine time over the span from its first transcribe claim to its last
+# completion (planning, which a chunk job does before it, is not engine work to wait on).
+BUSY_SQL = """
+SELECT sum((j.result->>'processing_seconds')::float8) AS engine,
+       extract(epoch FROM max(j.finished_at) - min(j.leased_at)) AS span
+FROM jobs j
+WHERE j.transcription_id = $1 AND j.kind = 'transcribe' AND j.state = 'succeeded'
+GROUP BY j.worker_id
+"""
+
+
+def one_file(farm: Farm, path: Path, workers: int, speed: float) -> LongFile:
+    assert farm.server is not None
+    farm.clear_cache()
+    with SleepingWorkers(farm, workers, speed):
+        tid, began = farm.submit(path)
+        [row] = farm.wait_finished([tid], timeout=600).values()
+        assert row["state"] == "succeeded", row
+        [t] = farm.server.sql(TIMINGS_SQL, tid)
+        busy = farm.server.sql(BUSY_SQL, tid)
+    engine = sum(b["engine"] for b in busy)
+    span = sum(float(b["span"]) for b in busy)
+    return LongFile(
+        workers=workers,
+        speed=speed,
+        seconds=float(t["finished"]) - began,
+        first_claim=float(t["first_claim"]) - float(t["created"]),
+        planned=float(t["planned"]) - float(t["created"]),
+        chunks=t["chunks"],
+        busy=engine / span if span else 0.0,
+    )
+
+
+def measure(options: Options, work: Path) -> Results:
+    path, _ = long_speech(media(), options.audio_seconds)
+    results = Results(audio=options.audio_seconds)
+    farm = Farm(work).start()
+    try:
+        for speed in options.speeds:
+            for workers in options.workers:
+                if speed != options.speeds[0] and workers != 1:
+                    continue  # other speeds: one worker's engine-busy share only
+                result = one_file(farm, path, workers, speed)
+                log(
+                    f"{workers} worker(s) at {speed:g}×: {result.seconds:.2f} s, first "
+                    f"transcribe claim {result.first_claim:.2f} s, engine busy {result.busy:.0%}"
+                )
+                results.runs.append(result)
+    finally:
+        farm.stop()
+    return results
+
+
+def report(results: Results, info: dict[str, str], load_start: str, quiet: bool) -> str:
+    base = [r for r in results.runs if r.speed == 200]
+    at_30 = [r for r in base if r.workers == 30]
+    one = [r for r in base if r.workers == 1]
+    lines = header_lines(info, command_line(), load_start, quiet) + [
+        "",
+        "### Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    if at_30:
+        lines.append(
+            f"| {results.audio / 60:.0f}-minute file, 30 workers at 200×: submit → succeeded "
+            f"≤ {TARGET_SECONDS:g} s | {at_30[0].seconds:.2f} s | "
+            f"{verdict(at_30[0].seconds <= TARGET_SECONDS)} |"
+        )
+    first = statistics.median(r.first_claim for r in base)
+    lines.append(
+        f"| first transcribe job claimed ≤ {TARGET_FIRST_CLAIM:g} s after the upload is "
+        f"stored (median of the runs) | {first:.2f} s | {verdict(first <= TARGET_FIRST_CLAIM)} |"
+    )
+    if one:
+        lines.append(
+            f"| one worker at 200×: engine busy ≥ {TARGET_BUSY:.0%} of its transcribing time "
+            f"| {one[0].busy:.0%} | {verdict(one[0].busy >= TARGET_BUSY)} |"
+        )
+    lines += [
+        "",
+        f"### One {results.audio / 60:.0f}-minute file",
+        "",
+        "| workers | engine speed | submit → succeeded s | upload stored → first "
+        "transcribe claim s | → planned s | chunks | engine busy |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results.runs:
+        lines.append(
+            f"| {r.workers} | {r.speed:g}× | {r.seconds:.2f} | {r.first_claim:.2f} | "
+            f"{r.planned:.2f} | {r.chunks} | {r.busy:.0%} |"
+        )
+    lines += [
+        "",
+        "How it was measured:",
+        f"- Speech: espeak-ng reading the tests' paragraphs over and over "
+        f"({results.audio:.0f} s, one 16 kHz WAV), uploaded once per run; the chunk cache is "
+        "emptied before each run.",
+        f"- Workers: the project's `worker.runner.Worker`, with an engine that sleeps "
+        f"audio/speed seconds per batch (a GPU at that speed), {PROCESSES} processes with "
+        "several Workers each, registered before the upload; everything else is real: "
+        "the chunk job plans with ffmpeg and the VAD, transcribe jobs read their range "
+        "with ffmpeg, the board is a real server on an embedded PostgreSQL.",
+        "- Times come from the board's rows (the transcription's created_at and "
+        "finished_at, its jobs' leased_at and finished_at; submit → succeeded starts "
+        "when the upload starts). Engine busy: the engine time the transcribe jobs report, "
+        "over each worker's span from its first transcribe claim to its last completion, "
+        "summed over workers.",
+        f"- Everything shares this machine's {info['cpus']} cores: with many workers, "
+        "their processes, the server and PostgreSQL compete for them.",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class Options:
+    audio_seconds: float
+    workers: list[int]
+    speeds: list[float]
+    quiet_timeout: float
+    record: bool
+
+
+def parse(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="10-minute file; RESULTS.md untouched")
+    p.add_argument("--workers", default="1,10,30", help="worker counts at the first speed")
+    p.add_argument("--speeds", default="200,1000", help="engine speeds (× realtime)")
+    p.add_argument("--no-record", action="store_true", help="print only")
+    p.add_argument("--quiet-timeout", type=float, default=1800, help="seconds to wait for "
+                   "a quiet machine (0: do not wait)")  # fmt: skip
+    args = p.parse_args(argv)
+    return Options(
+        audio_seconds=600 if args.quick else 3600,
+        workers=[int(w) for w in args.workers.split(",")],
+        speeds=[float(s) for s in args.speeds.split(",")],
+        quiet_timeout=args.quiet_timeout,
+        record=not (args.quick or args.no_record),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["worker"]:  # a worker process: server, key, speed, names
+        server, key, speed, *names = args[1:]
+        run_workers(server, key, names, float(speed))
+        return
+    run(SECTION, parse(argv), measure, report)
+
+
+if __name__ == "__main__":
+    main()
