@@ -1,5 +1,6 @@
-"""The pull loop: register, then claim → process → complete, heartbeating meanwhile; a
-batch's completions go with the next claim, in one request.
+"""The pull loop: register, then claim → read → run the engine → complete, heartbeating
+meanwhile. While the engine runs a batch, the next one is claimed and read; a batch's
+completions go with the next claim, in one request.
 
 A worker is stateless: everything it holds is a lease, and a lease it cannot finish
 (it died, or lost the network) expires and another worker takes the job over.
@@ -66,6 +67,7 @@ def reuse(job: ClaimedJob, cached: CachedChunk, key: str) -> ChunkTranscript:
 
 
 Finished = list[tuple[ClaimedJob, ChunkPlan | ChunkTranscript]]
+Input = tuple[ClaimedJob, EngineInput, str]  # a transcribe job, its audio, its cache key
 
 
 def log_dropped(outcomes: list[BatchItemOutcome]) -> None:
@@ -146,19 +148,35 @@ class Worker:
 
     async def _pull_loop(self) -> None:
         last_busy = time.monotonic()
+        ready: list[Input] | None = None  # the next batch: claimed, planned and read
         while not self.stopping and not self._reached_max_jobs():
-            wait = self.config.claim_wait_seconds
-            if self.config.exit_when_idle is not None:
-                idle_left = self.config.exit_when_idle - (time.monotonic() - last_busy)
-                if idle_left <= 0:
-                    log.info("idle for %.0f s: exiting", self.config.exit_when_idle)
-                    break
-                wait = min(wait, idle_left)
-            jobs = await self._claim_jobs(wait)
-            if jobs:
-                await self.process(jobs)
-                last_busy = time.monotonic()
+            if ready is None:
+                wait = self.config.claim_wait_seconds
+                if self.config.exit_when_idle is not None:
+                    idle_left = self.config.exit_when_idle - (time.monotonic() - last_busy)
+                    if idle_left <= 0:
+                        log.info("idle for %.0f s: exiting", self.config.exit_when_idle)
+                        break
+                    wait = min(wait, idle_left)
+                jobs = await self._claim_jobs(wait)
+                if not jobs:
+                    continue
+                ready = await self.prepare(jobs)
+            # While the engine runs this batch, the next one is claimed and read.
+            running = asyncio.create_task(self._run_engine(ready))
+            ready = await self._prefetch()
+            await running
+            last_busy = time.monotonic()
         await self._send(self._take_finished())
+        await self._release_held()  # a batch read ahead but not run: back to the queue now
+
+    async def _prefetch(self) -> list[Input] | None:
+        """The next batch, claimed without waiting (this worker has work) and made ready.
+        Not with --max-jobs: jobs held ahead would count past it."""
+        if self.stopping or self.config.max_jobs is not None:
+            return None
+        jobs = await self._claim_jobs(0)
+        return await self.prepare(jobs) if jobs else None
 
     def _reached_max_jobs(self) -> bool:
         return self.config.max_jobs is not None and self.jobs_done >= self.config.max_jobs
@@ -184,14 +202,14 @@ class Worker:
         self.held.update({str(job.id): job for job in batch.jobs})
         return batch.jobs
 
-    async def process(self, jobs: list[ClaimedJob]) -> None:
-        """Chunk jobs first (they unblock whole files), then one batch for the rest."""
+    async def prepare(self, jobs: list[ClaimedJob]) -> list[Input]:
+        """Chunk jobs first (they unblock whole files), then the rest read for one batch
+        through the engine; chunks found in the cache are done."""
         for job in jobs:
             if job.kind == "chunk":
                 await self._chunk(job)
         batch = [job for job in jobs if job.kind == "transcribe"]
-        if batch:
-            await self._transcribe(batch)
+        return await self._read(batch) if batch else []
 
     async def _chunk(self, job: ClaimedJob) -> None:
         # Chunks are queued as they settle, unless the language must be detected first
@@ -259,8 +277,8 @@ class Worker:
         detected = self.engine.detect_language(self._engine_input(job, audio, first))
         return None if detected is None else detected[0]
 
-    async def _transcribe(self, jobs: list[ClaimedJob]) -> None:
-        inputs: list[tuple[ClaimedJob, EngineInput, str]] = []
+    async def _read(self, jobs: list[ClaimedJob]) -> list[Input]:
+        inputs: list[Input] = []
         for job in jobs:
             assert job.chunk is not None
             try:
@@ -275,7 +293,7 @@ class Worker:
         self._defer(
             [(job, reuse(job, cached[key], key)) for job, _, key in inputs if key in cached]
         )
-        await self._run_engine([entry for entry in inputs if entry[2] not in cached])
+        return [entry for entry in inputs if entry[2] not in cached]
 
     @functools.cached_property
     def egress(self) -> Egress:
@@ -303,7 +321,7 @@ class Worker:
             log.warning("chunk cache unavailable: %s", exc)
             return {}
 
-    async def _run_engine(self, inputs: list[tuple[ClaimedJob, EngineInput, str]]) -> None:
+    async def _run_engine(self, inputs: list[Input]) -> None:
         if not inputs:
             return
         started = time.perf_counter()
@@ -436,9 +454,16 @@ class Worker:
 
     async def _release_after_grace(self) -> None:
         await asyncio.sleep(self.config.grace_seconds)
-        for job in list(self.held.values()):
-            with contextlib.suppress(Exception):
-                await self.client.release(job)
-        log.info("grace period over: released %d job(s), exiting", len(self.held))
+        released = await self._release_held()
+        log.info("grace period over: released %d job(s), exiting", released)
         logging.shutdown()
         os._exit(0)  # the engine's thread cannot be interrupted; the leases are back
+
+    async def _release_held(self) -> int:
+        """Gives back every job held (the attempt does not count), for others to take."""
+        held = list(self.held.values())
+        for job in held:
+            with contextlib.suppress(Exception):
+                await self.client.release(job)
+            self._forget(job)
+        return len(held)
