@@ -18,7 +18,7 @@ class WorkerTimes:
     jobs: int = 0
     audio: float = 0.0  # seconds of audio transcribed
     engine: float = 0.0  # the model's own time (the jobs' processing_seconds)
-    busy: float = 0.0  # claim → last completion of each claimed batch, summed
+    busy: float = 0.0  # time holding a claimed batch (read ahead: batches overlap, once)
     chunking: float = 0.0  # claim → last chunk job's completion, summed over claims
     first_lease: float = 0.0
     last_finish: float = 0.0
@@ -103,12 +103,13 @@ def _worker_times(jobs: list[dict[str, Any]]) -> tuple[list[WorkerTimes], list[i
     for job in jobs:
         batches[(job["worker"], float(job["leased"]))].append(job)
     times: dict[str, WorkerTimes] = {}
+    held: dict[str, list[tuple[float, float]]] = defaultdict(list)
     sizes = []
     for (name, leased), batch in sorted(batches.items(), key=lambda b: b[0][1]):
         w = times.setdefault(name, WorkerTimes(name, first_lease=leased))
         finished = max(float(j["finished"]) for j in batch)
         w.batches += 1
-        w.busy += finished - leased
+        held[name].append((leased, finished))
         w.last_finish = max(w.last_finish, finished)
         # A claim's chunk jobs run first, one after another: planning ends with the last.
         if planned := [float(j["finished"]) for j in batch if j["kind"] == "chunk"]:
@@ -120,7 +121,19 @@ def _worker_times(jobs: list[dict[str, Any]]) -> tuple[list[WorkerTimes], list[i
                 w.engine += float(job["engine"])
         if n := sum(j["kind"] == "transcribe" for j in batch):
             sizes.append(n)
+    for name, spans in held.items():
+        times[name].busy = covered(spans)
     return sorted(times.values(), key=lambda w: w.name), sizes
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) spans sorted by start."""
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def phase_lines(p: Phases, start: float | None = None) -> list[str]:
