@@ -199,8 +199,8 @@ async def heartbeat(
 async def complete(
     request: Request, job_id: UUID, body: CompleteRequest, caller: WorkerKey
 ) -> JobOutcome:
-    """Records the result. A chunk job's plan fans out into transcribe jobs; the last
-    transcribe job to finish merges the transcript, in the same transaction."""
+    """Records the result. A chunk job's plan fans out into transcribe jobs; the
+    completion that counts the last transcribe job done has the transcript merged."""
     state = await server_state(request).board.queue.complete(job_id, body.lease_id, body.result)
     return JobOutcome(state=state)
 
