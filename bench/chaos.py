@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import log
 from bench.harness import media
 from bench.machine import load_average, machine_info, wait_until_quiet
-from bench.results import command_line, header_lines, publish, verdict
+from bench.results import TARGETS_HEADER, command_line, header_lines, publish, verdict
 from tests.chaos.harness import KINDS, LABELS, ChaosConfig, ChaosFarm, RoundReport, make_files
 
 SECTION = "## Chaos (bench/chaos.py)"
@@ -125,13 +125,8 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
     succeeded = sum(r.succeeded for r in rounds)
     differences = sum(len(r.differences) for r in rounds)
     problems = sum(len(r.problems) for r in rounds)
-    lines = header_lines(info, command_line(), load_start, quiet)
+    lines = header_lines(info, command_line(), load_start, quiet) + TARGETS_HEADER
     lines += [
-        "",
-        "### Targets",
-        "",
-        "| target | measured | |",
-        "|---|---|---|",
         f"| every transcription succeeds | {succeeded} of {transcriptions} "
         f"({100 * succeeded / max(transcriptions, 1):.0f} %) | "
         f"{verdict(succeeded == transcriptions)} |",

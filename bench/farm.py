@@ -29,8 +29,8 @@ from bench import log
 from bench.harness import Farm, media
 from bench.machine import Disturbances
 from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
-from bench.phases import BREAKDOWN_HEADER, Phases, breakdown_row, phase_lines, phases
-from bench.results import command_line, header_lines, run, seconds_list, verdict
+from bench.phases import Phases, breakdown, phase_lines, phases
+from bench.results import TARGETS_HEADER, command_line, header_lines, run, seconds_list, verdict
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE, ffmpeg_binary
 from worker.chunking import plan_source
@@ -285,13 +285,8 @@ def ratio(results: Results, config: Config) -> float:
 def report(results: Results, info: dict[str, str], load_start: str, quiet: bool) -> str:
     default = ratio(results, DEFAULT)
     best = min(results.farm, key=lambda c: ratio(results, c))
-    lines = header_lines(info, command_line(), load_start, quiet)
+    lines = header_lines(info, command_line(), load_start, quiet) + TARGETS_HEADER
     lines += [
-        "",
-        "### Targets",
-        "",
-        "| target | measured | |",
-        "|---|---|---|",
         f"| farm time / direct time ≤ {TARGET_RATIO:.2f} (defaults) | {default:.3f} | "
         f"{verdict(default <= TARGET_RATIO)} |",
         f"| same, best setting tried ({best.label}) | {ratio(results, best):.3f} | "
@@ -333,11 +328,9 @@ def run_table(results: Results) -> list[str]:
             f"{ratio(results, config):.3f} | {runs[-1].wer:.3f} | "
             f"{runs[-1].chunks} ({sum(r.cached for r in runs)} cached) |"
         )
-    lines += ["", "Where each farm setting's time goes (medians; from the board's rows):", ""]
-    lines += BREAKDOWN_HEADER
-    for config, runs in results.farm.items():
-        lines.append(breakdown_row(config.label, [r.phases for r in runs]))
-    return lines
+    return lines + breakdown(
+        {c.label: [r.phases for r in runs] for c, runs in results.farm.items()}
+    )
 
 
 def memory_lines(results: Results) -> list[str]:

@@ -30,7 +30,7 @@ from bench import log
 from bench.harness import Farm, media
 from bench.machine import Disturbances
 from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
-from bench.phases import BREAKDOWN_HEADER, Phases, breakdown_row, phase_lines, phases
+from bench.phases import Phases, breakdown, phase_lines, phases
 from bench.results import command_line, header_lines, run, seconds_list, verdict
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE
@@ -398,11 +398,9 @@ def run_table(results: Results) -> list[str]:
             f"{seconds_list([r.seconds for r in runs])} | {results.audio / median:.1f} | | "
             f"{runs[-1].wer:.3f} |"
         )
-    lines += ["", "Where each farm setting's time goes (medians; from the board's rows):", ""]
-    lines += BREAKDOWN_HEADER
-    for size, runs in results.farm.items():
-        lines.append(breakdown_row(f"--batch-size {size}", [r.phases for r in runs]))
-    return lines
+    return lines + breakdown(
+        {f"--batch-size {size}": [r.phases for r in runs] for size, runs in results.farm.items()}
+    )
 
 
 LOOP_LABELS = {

@@ -160,11 +160,16 @@ def phase_lines(p: Phases, start: float | None = None) -> list[str]:
     return lines
 
 
-BREAKDOWN_HEADER = [
-    "| setting | window s | model s (all workers) | model × realtime per worker | "
-    "planning s | outside the model s | idle s (all workers) | tail s | jobs per claim |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-]
+def breakdown(settings: dict[str, list[Phases]]) -> list[str]:
+    """A table of where the workers' time went, one row per farm setting (its label →
+    the phases of its runs)."""
+    lines = ["", "Where each farm setting's time goes (medians; from the board's rows):", ""]
+    lines += [
+        "| setting | window s | model s (all workers) | model × realtime per worker | "
+        "planning s | outside the model s | idle s (all workers) | tail s | jobs per claim |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return lines + [breakdown_row(label, runs) for label, runs in settings.items()]
 
 
 def breakdown_row(label: str, runs: list[Phases]) -> str:

@@ -45,6 +45,10 @@ def publish(title: str, section: str, record: bool) -> None:
         print("(--quick/--no-record: bench/RESULTS.md left as it was)")
 
 
+# The head of a report's targets table: one row per target follows.
+TARGETS_HEADER = ["", "### Targets", "", "| target | measured | |", "|---|---|---|"]
+
+
 def verdict(met: bool) -> str:
     return "met" if met else "**not met**"
 

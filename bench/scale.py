@@ -25,7 +25,7 @@ from pathlib import Path
 from bench import ROOT, log
 from bench.farm import long_speech
 from bench.harness import Farm, media
-from bench.results import command_line, header_lines, run, verdict
+from bench.results import TARGETS_HEADER, command_line, header_lines, run, verdict
 from shared.protocol import Segment
 from worker.engines import EngineInput, EngineOutput
 
@@ -199,13 +199,7 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
     base = [r for r in results.runs if r.speed == 200]
     at_30 = [r for r in base if r.workers == 30]
     one = [r for r in base if r.workers == 1]
-    lines = header_lines(info, command_line(), load_start, quiet) + [
-        "",
-        "### Targets",
-        "",
-        "| target | measured | |",
-        "|---|---|---|",
-    ]
+    lines = header_lines(info, command_line(), load_start, quiet) + TARGETS_HEADER
     if at_30:
         lines.append(
             f"| {results.audio / 60:.0f}-minute file, 30 workers at 200×: submit → succeeded "

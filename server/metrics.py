@@ -1,7 +1,8 @@
 """Prometheus metrics: what GET /metrics serves.
 
 Two kinds. The board's state (queue depth and queued audio by job kind and state,
-leases, live workers, × realtime per model, webhook failures) is shared by every server
+leases, live workers, × realtime per model, each worker's engine-busy share, webhook
+failures) is shared by every server
 process, so it is read from the database at each scrape, in one statement (METRICS in
 server/board/reads.py), and exposed as gauges. What one process sees happen (job
 durations at completion, the autoscaler's decisions) lives in this process's registry.
@@ -82,6 +83,14 @@ def board_families(row: Any) -> list[GaugeMetricFamily]:
             f"{SPEED_WINDOW_SECONDS:.0f} s.",
             [([m["model"]], m["realtime"]) for m in row["speed"]],
             ["model"],
+        ),
+        gauge(
+            "scribefarm_worker_engine_busy_ratio",
+            f"The share of the last {SPEED_WINDOW_SECONDS:.0f} s (or of its life, if "
+            "shorter) each live worker's model ran: near 1, the engine never waits for "
+            "claims, reads or completions.",
+            [([w["name"]], w["busy"]) for w in row["engine_busy"]],
+            ["worker"],
         ),
         gauge(
             "scribefarm_webhook_deliveries",

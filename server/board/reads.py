@@ -95,6 +95,7 @@ WITH live AS (
 SELECT w.id, w.name, w.engine, w.device, w.models, w.batch_size, w.jobs_done,
        w.audio_seconds, w.busy_seconds,
        extract(epoch FROM now() - w.last_seen_at)::float8 AS seen_seconds_ago,
+       extract(epoch FROM now() - w.registered_at)::float8 AS age_seconds,
        coalesce(live.n, 0) AS current, coalesce(live.jobs, '[]') AS current_jobs,
        recent.audio_seconds AS recent_audio_seconds, recent.busy_seconds AS recent_busy_seconds
 FROM workers w
@@ -227,9 +228,18 @@ WITH open_jobs AS (
     FROM jobs
     WHERE {ran_the_model_within("$1")}
     GROUP BY model
+), engine AS (
+    -- Each live worker's model time over the window (or its life, if shorter).
+    SELECT w.name, least(ran.seconds / greatest(least($1, extract(epoch FROM
+                                                 now() - w.registered_at)), 1), 1) AS busy
+    FROM (SELECT worker_id, sum((result ->> 'processing_seconds')::float8) AS seconds
+          FROM jobs WHERE {ran_the_model_within("$1")} GROUP BY worker_id) AS ran
+    JOIN workers w ON w.id = ran.worker_id
+    WHERE w.last_seen_at > now() - make_interval(secs => $2)
 )
 SELECT (SELECT coalesce(json_agg(by_state), '[]') FROM by_state) AS jobs,
        (SELECT coalesce(json_agg(speed), '[]') FROM speed WHERE realtime IS NOT NULL) AS speed,
+       (SELECT coalesce(json_agg(engine), '[]') FROM engine) AS engine_busy,
        (SELECT count(*) FROM open_jobs WHERE state = 'leased') AS live_leases,
        (SELECT count(*) FROM open_jobs WHERE expired_lease) AS expired_leases,
        (SELECT count(*) FROM workers

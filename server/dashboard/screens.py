@@ -122,7 +122,7 @@ async def load_workers(
     state = server_state(request)
     rows = await state.board.reads.workers(WORKERS_SHOWN_SECONDS, THROUGHPUT_SECONDS)
     gone = state.settings.worker_gone_seconds
-    workers = [views.WorkerView(row, gone) for row in rows]
+    workers = [views.WorkerView(row, gone, THROUGHPUT_SECONDS) for row in rows]
     return {
         "workers": workers,
         "counts": {s: sum(w.state == s for w in workers) for s in ("busy", "idle", "gone")},

@@ -233,6 +233,7 @@ def time_marks(duration: float | None, count: int = 5) -> list[tuple[float, str]
 class WorkerView:
     row: Any
     gone_seconds: float
+    recent_seconds: float  # the window of `throughput` and `engine_busy`
 
     @property
     def state(self) -> str:
@@ -251,6 +252,12 @@ class WorkerView:
     @property
     def throughput(self) -> str:
         return speed(self.row["recent_audio_seconds"], self.row["recent_busy_seconds"])
+
+    @property
+    def engine_busy(self) -> str:
+        """The share of the recent window (or of its life) the worker's model ran."""
+        window = max(min(self.recent_seconds, self.row["age_seconds"]), 1.0)
+        return f"{min((self.row['recent_busy_seconds'] or 0) / window, 1.0):.0%}"
 
     @property
     def total_speed(self) -> str:

@@ -183,6 +183,9 @@ def test_a_killed_worker_shows_gone_and_its_chunk_taken_over(farm, browser, medi
         expect(taken_over.first.locator(".attempts")).to_have_text(re.compile(r"^2 of"))
         expect(detail.locator("#summary .badge")).to_have_text("succeeded", timeout=SLOW)
         assert wait_until_finished(client, tid)["state"] == "succeeded"
+    survivor = next(w for w in workers if w.name != victim_name)
+    busy = workers_page.locator(f'tr.worker-row[data-name="{survivor.name}"] .engine-busy')
+    expect(busy).to_have_text(re.compile(r"^[1-9]\d*%$"), timeout=30_000)  # its model ran
     workers_page.context.close()
 
 

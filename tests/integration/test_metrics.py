@@ -64,6 +64,13 @@ def test_metrics_show_the_queue_leases_workers_speed_and_webhook_failures(
         durations_before + 1
     )
     assert ("scribefarm_jobs", (("kind", "transcribe"), ("state", "leased"))) not in samples
+    # Its model ran 0.01 s over a life of (now) 100 s.
+    server.sql(
+        "UPDATE workers SET registered_at = now() - interval '100 seconds' WHERE id = $1",
+        uuid.UUID(worker.id),
+    )
+    busy = sample(scrape(server), "scribefarm_worker_engine_busy_ratio", worker="test-worker")
+    assert 0.9e-4 < busy <= 1e-4
 
 
 def test_health_and_readiness(server):
