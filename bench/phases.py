@@ -36,7 +36,7 @@ class Phases:
     merge: float  # last transcribe job done → transcription finished (median)
     workers: list[WorkerTimes]
     batch_sizes: list[int]  # transcribe jobs per claimed batch
-    overhead: float  # busy − engine − chunking, all workers: ffmpeg reads, HTTP, cache
+    overhead: float  # busy − engine, all workers: planning, ffmpeg reads, HTTP, cache
 
     @property
     def tail(self) -> float:
@@ -82,7 +82,8 @@ def phases(server: Server, submitted: dict[str, float]) -> Phases:
         merge=statistics.median(p[3] for p in per),
         workers=workers,
         batch_sizes=sizes,
-        overhead=busy - sum(w.engine + w.chunking for w in workers),
+        # Not less planning: a worker reading ahead plans while its model runs.
+        overhead=busy - sum(w.engine for w in workers),
     )
 
 
@@ -144,8 +145,8 @@ def phase_lines(p: Phases, start: float | None = None) -> list[str]:
         f"first transcribe claim {p.to_first_transcribe:.2f} s, last chunk → merged "
         f"{p.merge * 1000:.0f} ms (medians per transcription)",
         f"- transcribe batches: {len(p.batch_sizes)}, jobs per batch "
-        f"{_spread(p.batch_sizes)}; worker time outside the model and the planner "
-        f"(ffmpeg range reads, cache lookups, HTTP) {p.overhead:.2f} s in all",
+        f"{_spread(p.batch_sizes)}; worker time holding work outside the model (planning, "
+        f"ffmpeg range reads, cache lookups, HTTP) {p.overhead:.2f} s in all",
     ]
     origin = start if start is not None else min((w.first_lease for w in p.workers), default=0)
     for w in p.workers:
@@ -166,7 +167,8 @@ def breakdown(settings: dict[str, list[Phases]]) -> list[str]:
     lines = ["", "Where each farm setting's time goes (medians; from the board's rows):", ""]
     lines += [
         "| setting | window s | model s (all workers) | model × realtime per worker | "
-        "planning s | outside the model s | idle s (all workers) | tail s | jobs per claim |",
+        "planning s | outside the model s (planning included) | idle s (all workers) | tail s | "
+        "jobs per claim |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return lines + [breakdown_row(label, runs) for label, runs in settings.items()]

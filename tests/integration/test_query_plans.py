@@ -88,6 +88,7 @@ TYPICAL = {
     "varchar": "'x'",
     "text[]": "'{x}'",
     "bool": "false",
+    "bool[]": "'{false}'",
     "timestamptz": "now()",
     "jsonb": "'{}'",
 }
