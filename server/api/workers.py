@@ -7,6 +7,7 @@ one gets 409 and changes nothing.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -216,29 +217,25 @@ async def batch(request: Request, body: BatchRequest, caller: WorkerKey) -> Batc
     own lease: a lost lease is that item's `error`, not the request's. With `claim`, then
     claims the next jobs, as `POST /v1/jobs/claim` does: one round trip per batch."""
     queue = server_state(request).board.queue
-    completions = [(c.job_id, c.lease_id, c.result) for c in body.completions]
-    completed = await queue.complete_many(completions)
-    outcomes = [outcome_of(c.job_id, o) for c, o in zip(body.completions, completed, strict=True)]
+    outcomes = []
+    for done in body.completions:
+        outcomes.append(
+            await outcome_of(done.job_id, queue.complete(done.job_id, done.lease_id, done.result))
+        )
     for failed in body.failures:
-        try:
-            state, run_after = await queue.fail(
-                failed.job_id, failed.lease_id, failed.error, failed.permanent
-            )
-        except BoardError as exc:
-            outcomes.append(outcome_of(failed.job_id, exc))
-        else:
-            outcomes.append(
-                BatchItemOutcome(job_id=failed.job_id, state=state, run_after=run_after)
-            )
+        failing = queue.fail(failed.job_id, failed.lease_id, failed.error, failed.permanent)
+        outcomes.append(await outcome_of(failed.job_id, failing))
     jobs = await claim_jobs(request, body.claim, caller) if body.claim else []
     return BatchOutcome(outcomes=outcomes, jobs=jobs)
 
 
-def outcome_of(job_id: UUID, outcome: str | BoardError) -> BatchItemOutcome:
-    if isinstance(outcome, BoardError):
-        error = ErrorBody(code=outcome.code, message=outcome.message)
-        return BatchItemOutcome(job_id=job_id, error=error)
-    return BatchItemOutcome(job_id=job_id, state=outcome)
+async def outcome_of(job_id: UUID, recording: Awaitable) -> BatchItemOutcome:
+    try:
+        result = await recording
+    except BoardError as exc:
+        return BatchItemOutcome(job_id=job_id, error=ErrorBody(code=exc.code, message=exc.message))
+    state, run_after = result if isinstance(result, tuple) else (result, None)
+    return BatchItemOutcome(job_id=job_id, state=state, run_after=run_after)
 
 
 @router.post("/jobs/{job_id}/chunks", response_model=JobOutcome, responses=LEASE_ERRORS)

@@ -3,7 +3,6 @@ alive, and complete, fail or release them; a job whose last lease expired is dea
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -12,7 +11,7 @@ import asyncpg
 
 from server import metrics
 from server.board import cache
-from server.board.errors import BoardError, Conflict, Invalid, NotFound, OverLimit
+from server.board.errors import Conflict, Invalid, NotFound, OverLimit
 from server.board.fanout import FanOut
 from server.board.locks import LOCK_KEY, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
 from server.board.transcriptions import Transcriptions
@@ -145,54 +144,38 @@ WHERE id = $1 AND lease_id = $2 AND state = 'leased'
 RETURNING kind, transcription_id, extract(epoch FROM now() - leased_at)::float8 AS lease_seconds
 """
 
-# Transcribe jobs' completions, any number in one statement, so a transcription's row
-# is locked for one round trip, not across a transaction's (all workers complete chunks
-# of the same transcription at once). Primary key lookups, in the one lock order: the
-# transcriptions (in id order; the array makes the jobs' update wait for all of them),
-# the jobs (each fenced on its lease), the workers' statistics, then the fan-in counts.
-# Each result is the element of the $3 array at its position. A completion that sees
-# jobs_done reach jobs_total has its transcription merged, in a transaction of its own
-# (FanOut.merge).
+# A transcribe job's completion in one statement, so its transcription's row is locked
+# for one round trip, not across a transaction's (all workers complete chunks of the
+# same transcription at once). Primary key lookups, in the one lock order: the
+# transcription (the job's update waits on `transcription`), the job (fenced on the
+# lease), the worker's statistics, then the fan-in count; the completion that sees
+# jobs_done reach jobs_total merges, in a transaction of its own (FanOut.merge).
 COMPLETE_TRANSCRIBE = """
-WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $4::float8[], $5::float8[], $6::bool[])
-        WITH ORDINALITY AS i(job_id, lease_id, audio_seconds, busy_seconds, cached, n)
-), transcription AS (
-    SELECT t.id, t.api_key_id FROM transcriptions t
-    WHERE t.id IN (SELECT j.transcription_id FROM jobs j JOIN input ON input.job_id = j.id)
-    ORDER BY t.id
-    FOR NO KEY UPDATE
+WITH transcription AS (
+    SELECT t.id, t.api_key_id FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+    WHERE j.id = $1
+    FOR NO KEY UPDATE OF t
 ), job AS (
-    UPDATE jobs j SET state = 'succeeded', result = $3::jsonb -> (i.n - 1)::int,
-                      finished_at = now(), lease_expires_at = NULL
-    FROM input i
-    WHERE j.id = i.job_id AND j.lease_id = i.lease_id AND j.state = 'leased'
-      AND j.kind = 'transcribe'
-      AND j.transcription_id = ANY((SELECT array_agg(id) FROM transcription)::uuid[])
-    RETURNING j.id, j.transcription_id, j.worker_id, j.start_seconds, i.audio_seconds,
-              i.busy_seconds, i.cached,
-              extract(epoch FROM now() - j.leased_at)::float8 AS lease_seconds
+    UPDATE jobs SET state = 'succeeded', result = $3, finished_at = now(),
+                    lease_expires_at = NULL
+    WHERE id = $1 AND lease_id = $2 AND state = 'leased' AND kind = 'transcribe'
+      AND transcription_id = (SELECT id FROM transcription)
+    RETURNING transcription_id, worker_id, start_seconds,
+              extract(epoch FROM now() - leased_at)::float8 AS lease_seconds
 ), stats AS (
-    UPDATE workers w
-    SET jobs_done = w.jobs_done + s.jobs, audio_seconds = w.audio_seconds + s.audio_seconds,
-        busy_seconds = w.busy_seconds + s.busy_seconds, last_seen_at = now()
-    FROM (SELECT worker_id, count(*) AS jobs, sum(audio_seconds) AS audio_seconds,
-                 sum(busy_seconds) AS busy_seconds
-          FROM job WHERE NOT cached GROUP BY worker_id) AS s
-    WHERE w.id = s.worker_id
+    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $4,
+                       busy_seconds = busy_seconds + $5, last_seen_at = now()
+    WHERE id = (SELECT worker_id FROM job) AND NOT $6
 ), counted AS (
-    UPDATE transcriptions t
-    SET jobs_done = t.jobs_done + c.jobs,
-        audio_seconds_done = t.audio_seconds_done + c.audio_seconds
-    FROM (SELECT transcription_id, count(*) AS jobs, sum(audio_seconds) AS audio_seconds
-          FROM job GROUP BY transcription_id) AS c
-    WHERE t.id = c.transcription_id AND t.state = 'running'
-    RETURNING t.id, t.jobs_done >= t.jobs_total AND t.duration_seconds IS NOT NULL AS all_done
+    UPDATE transcriptions
+    SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $4
+    WHERE id = (SELECT transcription_id FROM job) AND state = 'running'
+    RETURNING jobs_done >= jobs_total AND duration_seconds IS NOT NULL AS all_done
 )
-SELECT job.id, job.transcription_id, job.start_seconds, job.lease_seconds,
-       transcription.api_key_id AS owner, coalesce(counted.all_done, false) AS all_done
-FROM job JOIN transcription ON transcription.id = job.transcription_id
-LEFT JOIN counted ON counted.id = job.transcription_id
+SELECT job.transcription_id, job.start_seconds, job.lease_seconds,
+       (SELECT api_key_id FROM transcription) AS owner,
+       coalesce((SELECT all_done FROM counted), false) AS all_done
+FROM job
 """
 
 # Primary key lookups; fenced on the chunk job's lease, under its transcription's lock.
@@ -315,28 +298,15 @@ class Queue:
         return expires
 
     async def complete(self, job_id: UUID, lease_id: UUID, result: ChunkPlan | ChunkTranscript):
-        [outcome] = await self.complete_many([(job_id, lease_id, result)])
-        if isinstance(outcome, BoardError):
-            raise outcome
-        return outcome
+        if isinstance(result, ChunkPlan):
+            lease_seconds = await self._complete_plan(job_id, lease_id, result)
+        else:
+            lease_seconds = await self._complete_transcript(job_id, lease_id, result)
+        if lease_seconds is not None:  # None: the same completion again
+            metrics.observe_job(result.kind, lease_seconds)
+        return "succeeded"
 
-    async def complete_many(
-        self, completions: list[tuple[UUID, UUID, ChunkPlan | ChunkTranscript]]
-    ) -> list[str | BoardError]:
-        """Each completion's outcome, in order: "succeeded", or why it changed nothing.
-        Transcripts all in one statement; each plan in a transaction of its own."""
-        outcomes: dict[int, str | BoardError] = {}
-        transcripts = [
-            (i, c) for i, c in enumerate(completions) if isinstance(c[2], ChunkTranscript)
-        ]
-        for i, (job_id, lease_id, result) in enumerate(completions):
-            if isinstance(result, ChunkPlan):
-                outcomes[i] = await outcome_of(self._complete_plan(job_id, lease_id, result))
-        if transcripts:
-            outcomes |= await self._complete_transcripts(transcripts)
-        return [outcomes[i] for i in range(len(completions))]
-
-    async def _complete_plan(self, job_id: UUID, lease_id: UUID, plan: ChunkPlan) -> str:
+    async def _complete_plan(self, job_id: UUID, lease_id: UUID, plan: ChunkPlan):
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
             job = await conn.fetchrow(COMPLETE, job_id, lease_id, plan.model_dump(mode="json"))
@@ -345,37 +315,25 @@ class Queue:
             if job["kind"] != plan.kind:
                 raise wrong_kind(job_id, job["kind"])
             await self.fanout.planned(conn, job["transcription_id"], plan)
-        metrics.observe_job(plan.kind, job["lease_seconds"])
-        return "succeeded"
+        return job["lease_seconds"]
 
-    async def _complete_transcripts(
-        self, items: list[tuple[int, tuple[UUID, UUID, ChunkTranscript]]]
-    ) -> dict[int, str | BoardError]:
-        results = [result for _, (_, _, result) in items]
-        rows = await self.pool.fetch(
+    async def _complete_transcript(self, job_id: UUID, lease_id: UUID, result: ChunkTranscript):
+        job = await self.pool.fetchrow(
             COMPLETE_TRANSCRIBE,
-            [job_id for _, (job_id, _, _) in items],
-            [lease_id for _, (_, lease_id, _) in items],
-            [result.model_dump(mode="json") for result in results],
-            [result.audio_seconds for result in results],
-            [result.processing_seconds for result in results],
-            [result.cached for result in results],
+            job_id,
+            lease_id,
+            result.model_dump(mode="json"),
+            result.audio_seconds,
+            result.processing_seconds,
+            result.cached,
         )
-        done = {row["id"]: row for row in rows}
-        outcomes: dict[int, str | BoardError] = {}
-        for i, (job_id, lease_id, result) in items:
-            job = done.get(job_id)
-            if job is None:  # none of this statement's doing: say why
-                repeated = repeated_completion(self.pool, job_id, lease_id, result.kind)
-                outcomes[i] = await outcome_of(repeated)
-                continue
-            if result.cache_key and not result.cached:
-                await cache.store(self.pool, job["owner"], job["start_seconds"], result)
-            metrics.observe_job(result.kind, job["lease_seconds"])
-            outcomes[i] = "succeeded"
-        for transcription_id in {row["transcription_id"] for row in rows if row["all_done"]}:
-            await self.fanout.merge(transcription_id)
-        return outcomes
+        if job is None:
+            return await repeated_completion(self.pool, job_id, lease_id, result.kind)
+        if result.cache_key and not result.cached:
+            await cache.store(self.pool, job["owner"], job["start_seconds"], result)
+        if job["all_done"]:
+            await self.fanout.merge(job["transcription_id"])
+        return job["lease_seconds"]
 
     async def settle(self, job_id: UUID, lease_id: UUID, chunks: list[ChunkSpan]) -> None:
         """Queues the transcribe jobs of chunks a chunk job settled while still planning.
@@ -436,7 +394,7 @@ class Queue:
         return buried
 
 
-async def repeated_completion(conn, job_id: UUID, lease_id: UUID, kind: str) -> str:
+async def repeated_completion(conn, job_id: UUID, lease_id: UUID, kind: str) -> None:
     """Why a completion matched nothing: the same completion again (idempotent), a
     result of the wrong kind, or a lease that is not current."""
     row = await conn.fetchrow(JOB_STATE, job_id)
@@ -444,15 +402,8 @@ async def repeated_completion(conn, job_id: UUID, lease_id: UUID, kind: str) -> 
         if row["kind"] != kind:
             raise wrong_kind(job_id, row["kind"])
         if row["state"] == "succeeded":
-            return "succeeded"
+            return None
     await raise_fenced(conn, job_id, lease_id)
-
-
-async def outcome_of(recording: Awaitable[str]) -> str | BoardError:
-    try:
-        return await recording
-    except BoardError as exc:
-        return exc
 
 
 async def raise_fenced(conn, job_id: UUID, lease_id: UUID):

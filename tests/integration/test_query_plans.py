@@ -88,7 +88,6 @@ TYPICAL = {
     "varchar": "'x'",
     "text[]": "'{x}'",
     "bool": "false",
-    "bool[]": "'{false}'",
     "timestamptz": "now()",
     "jsonb": "'{}'",
 }
