@@ -18,7 +18,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-# pg_try_advisory_lock's key: any bigint no other lock of the board uses (LOCK_KEY hashes
+# The advisory lock's key: any bigint no other lock of the board uses (LOCK_KEY hashes
 # text to an int4, so it never collides with a value this large).
 LEADER_LOCK = 0x5C81BEFA6D
 
