@@ -35,6 +35,12 @@ AUTOSCALER_RUNNING = Gauge(
 )
 
 
+def engine_busy(model_seconds: float | None, window: float, age: float) -> float:
+    """The share of the last `window` seconds (or of a worker's `age`, if shorter) its
+    model ran."""
+    return min((model_seconds or 0) / max(min(window, age), 1.0), 1.0)
+
+
 def observe_job(kind: str, seconds: float | None) -> None:
     if seconds is not None:
         JOB_SECONDS.labels(kind).observe(seconds)
@@ -52,6 +58,7 @@ def gauge(
 def board_families(row: Any) -> list[GaugeMetricFamily]:
     """One scrape's METRICS row (server/board/reads.py) as metric families."""
     groups = [([g["kind"], g["state"]], g) for g in row["jobs"]]
+    window = SPEED_WINDOW_SECONDS
     return [
         gauge(
             "scribefarm_jobs",
@@ -89,7 +96,10 @@ def board_families(row: Any) -> list[GaugeMetricFamily]:
             f"The share of the last {SPEED_WINDOW_SECONDS:.0f} s (or of its life, if "
             "shorter) each live worker's model ran: near 1, the engine never waits for "
             "claims, reads or completions.",
-            [([w["name"]], w["busy"]) for w in row["engine_busy"]],
+            [
+                ([w["name"]], engine_busy(w["model_seconds"], window, w["age_seconds"]))
+                for w in row["engine"]
+            ],
             ["worker"],
         ),
         gauge(

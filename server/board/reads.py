@@ -222,24 +222,25 @@ WITH open_jobs AS (
     UNION ALL
     SELECT kind, 'dead', count(*), coalesce(sum(end_seconds - start_seconds), 0)
     FROM jobs WHERE state = 'dead' GROUP BY kind
-), speed AS (
-    SELECT model, sum(end_seconds - start_seconds)
-                  / nullif(sum((result ->> 'processing_seconds')::float8), 0) AS realtime
+), ran AS (
+    SELECT model, worker_id, end_seconds - start_seconds AS audio_seconds,
+           (result ->> 'processing_seconds')::float8 AS model_seconds
     FROM jobs
     WHERE {ran_the_model_within("$1")}
-    GROUP BY model
+), speed AS (
+    SELECT model, sum(audio_seconds) / nullif(sum(model_seconds), 0) AS realtime
+    FROM ran GROUP BY model
 ), engine AS (
-    -- Each live worker's model time over the window (or its life, if shorter).
-    SELECT w.name, least(ran.seconds / greatest(least($1, extract(epoch FROM
-                                                 now() - w.registered_at)), 1), 1) AS busy
-    FROM (SELECT worker_id, sum((result ->> 'processing_seconds')::float8) AS seconds
-          FROM jobs WHERE {ran_the_model_within("$1")} GROUP BY worker_id) AS ran
-    JOIN workers w ON w.id = ran.worker_id
+    -- Each live worker's model time over the window, and how long it has lived.
+    SELECT w.name, sum(ran.model_seconds) AS model_seconds,
+           extract(epoch FROM now() - w.registered_at)::float8 AS age_seconds
+    FROM ran JOIN workers w ON w.id = ran.worker_id
     WHERE w.last_seen_at > now() - make_interval(secs => $2)
+    GROUP BY w.id, w.name, w.registered_at
 )
 SELECT (SELECT coalesce(json_agg(by_state), '[]') FROM by_state) AS jobs,
        (SELECT coalesce(json_agg(speed), '[]') FROM speed WHERE realtime IS NOT NULL) AS speed,
-       (SELECT coalesce(json_agg(engine), '[]') FROM engine) AS engine_busy,
+       (SELECT coalesce(json_agg(engine), '[]') FROM engine) AS engine,
        (SELECT count(*) FROM open_jobs WHERE state = 'leased') AS live_leases,
        (SELECT count(*) FROM open_jobs WHERE expired_lease) AS expired_leases,
        (SELECT count(*) FROM workers

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from server import metrics
+
 FINISHED = ("succeeded", "failed", "canceled")
 DOWNLOAD_FORMATS = ("txt", "srt", "vtt", "json", "verbose_json")
 
@@ -256,8 +258,10 @@ class WorkerView:
     @property
     def engine_busy(self) -> str:
         """The share of the recent window (or of its life) the worker's model ran."""
-        window = max(min(self.recent_seconds, self.row["age_seconds"]), 1.0)
-        return f"{min((self.row['recent_busy_seconds'] or 0) / window, 1.0):.0%}"
+        busy = metrics.engine_busy(
+            self.row["recent_busy_seconds"], self.recent_seconds, self.row["age_seconds"]
+        )
+        return f"{busy:.0%}"
 
     @property
     def total_speed(self) -> str:
