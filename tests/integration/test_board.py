@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit
+from tests.farm import ProtocolWorker, chunk_plan, chunk_transcript, submit, wait_for
 
 LEASE = 1.0
 MAX_JOB = 3.0  # a job's wall-clock deadline
@@ -412,11 +412,12 @@ def test_a_transcription_counted_done_but_not_merged_is_merged_by_the_sweep(
         last,
     )
     server.sql("UPDATE transcriptions SET jobs_done = jobs_done + 1 WHERE id = $1", uuid.UUID(tid))
-    deadline = time.monotonic() + 10
-    while (view := submitter.get(f"/v1/transcriptions/{tid}").json())["state"] == "running":
-        assert time.monotonic() < deadline, "the sweep did not merge it"
-        time.sleep(0.2)
-    assert view["state"] == "succeeded"
+
+    def merged():
+        view = submitter.get(f"/v1/transcriptions/{tid}").json()
+        return view if view["state"] != "running" else None
+
+    assert wait_for(merged, 10, "the sweep to merge it")["state"] == "succeeded"
     transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript?format=json").json()
     assert [s["text"] for s in transcript["segments"]] == ["chunk 0", "chunk 1"]
 

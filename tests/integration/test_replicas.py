@@ -5,7 +5,6 @@ over by another when it dies."""
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 
 import httpx
@@ -18,6 +17,7 @@ from tests.farm import (
     chunk_transcript,
     create_database,
     submit,
+    wait_for,
 )
 
 
@@ -27,13 +27,6 @@ def leading(server: Server) -> bool:
     return ready["leader"]
 
 
-def wait_for(condition, seconds: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.2)
-
-
 def test_two_replicas_share_the_board_and_hand_over_leadership(postgres_url, tmp_path_factory):
     url = create_database(postgres_url)
     shared = tmp_path_factory.mktemp("replicas")  # the storage and signing secret they share
@@ -41,8 +34,8 @@ def test_two_replicas_share_the_board_and_hand_over_leadership(postgres_url, tmp
     replicas = [Server(url, shared, settings).start(), Server(url, shared, settings).start()]
     workers: list[ProtocolWorker] = []
     try:
-        wait_for(lambda: sum(map(leading, replicas)) == 1, what="one leader")
-        wait_for(lambda: sum(map(leading, replicas)) == 1, what="still one")
+        wait_for(lambda: sum(map(leading, replicas)) == 1, 20, "one leader")
+        wait_for(lambda: sum(map(leading, replicas)) == 1, 20, "still one")
         leader, survivor = sorted(replicas, key=leading, reverse=True)
         worker_key, submit_key = (leader.create_key(role) for role in ("worker", "submit"))
 
@@ -60,7 +53,7 @@ def test_two_replicas_share_the_board_and_hand_over_leadership(postgres_url, tmp
         # The leader dies. What its last completion left (counted, not merged: a server
         # that stopped in between) is merged by the survivor, once it leads.
         leader.stop(signal.SIGKILL)
-        wait_for(lambda: leading(survivor), what="the survivor takes over")
+        wait_for(lambda: leading(survivor), 20, "the survivor to take over")
         last = held[3]
         survivor.sql(
             "UPDATE jobs SET state = 'succeeded', result = $2, finished_at = now() WHERE id = $1",
@@ -75,7 +68,7 @@ def test_two_replicas_share_the_board_and_hand_over_leadership(postgres_url, tmp
             def finished() -> bool:
                 return submitter.get(f"/v1/transcriptions/{tid}").json()["state"] != "running"
 
-            wait_for(finished, what="the survivor's sweep merges the transcript")
+            wait_for(finished, 20, "the survivor's sweep to merge the transcript")
             transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript?format=json")
         texts = [s["text"] for s in transcript.json()["segments"]]
         assert texts == [f"chunk {i}" for i in range(4)]
