@@ -4,8 +4,10 @@ and speech from tests/speech.py."""
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,15 @@ class Farm:
             for i in range(count)
         ]
         names = [w.name for w in self.workers]
-        registered = self._wait_registered(names, timeout=120)
+        registered = self.wait_registered(names, timeout=120)
         self.batch_size = batch_size
         return [registered[name] - started for name in names]
 
-    def _wait_registered(self, names: list[str], timeout: float) -> dict[str, float]:
+    def wait_registered(
+        self, names: list[str], timeout: float, others: Sequence[subprocess.Popen] = ()
+    ) -> dict[str, float]:
+        """When each named worker registered; fails early when one of the farm's worker
+        processes, or of `others` (processes running workers of their own), exits."""
         assert self.server is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -73,6 +79,9 @@ class Farm:
             for w in self.workers:
                 if w.process is not None and w.process.poll() is not None:
                     raise RuntimeError(f"worker {w.name} exited:\n{w.log[-3000:]}")
+            for process in others:
+                if process.poll() is not None:
+                    raise RuntimeError(f"worker process {process.args} exited")
             time.sleep(0.2)
         raise TimeoutError(f"workers {names} did not register within {timeout} s")
 

@@ -96,13 +96,7 @@ class SleepingWorkers:
             command = [sys.executable, "-m", "bench.scale", "worker", self.farm.server.url]
             command += [self.farm.keys["worker"], str(self.speed), *share]
             self.processes.append(subprocess.Popen(command, env=env, cwd=ROOT))
-        deadline = time.monotonic() + 120
-        while len(self.farm.server.sql("SELECT 1 FROM workers WHERE name = ANY($1)", names)) < len(
-            names
-        ):
-            assert time.monotonic() < deadline, "workers did not register"
-            assert all(p.poll() is None for p in self.processes), "a worker process exited"
-            time.sleep(0.2)
+        self.farm.wait_registered(names, timeout=120, others=self.processes)
         return self
 
     def __exit__(self, *_: object) -> None:
