@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_chunk_seconds: float = 60.0
     max_chunk_seconds: float = 120.0
+    # A source longer than about twice this is cut (at quiet points) into spans this long,
+    # each planned by a chunk job of its own, at once (0: one chunk job plans it whole).
+    plan_span_seconds: float = Field(default=300.0, ge=0)
     max_upload_bytes: int = 2 * 1024**3
     # Request bodies are capped before they are read (server/bodylimit.py): chunk
     # results (a worker's completion), and every other body that is not an upload.
@@ -161,6 +164,13 @@ class Settings(BaseSettings):
     fly_worker_cpu_kind: str = Field(default="performance", pattern="^(shared|performance)$")
     fly_worker_cpus: int = Field(default=2, ge=1)
     fly_worker_memory_mb: int = Field(default=4096, ge=256)
+
+    @field_validator("plan_span_seconds")
+    @classmethod
+    def _long_enough_to_split(cls, value: float) -> float:
+        if 0 < value < 120:  # a span must hold the search for its quiet cut, and more
+            raise ValueError("SCRIBEFARM_PLAN_SPAN_SECONDS must be 0 (off) or at least 120")
+        return value
 
     @field_validator("models", "url_allowlist", "fly_regions", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 
 JobKind = Literal["chunk", "transcribe"]
@@ -156,6 +156,44 @@ class ChunkPlan(Strict):
     )
 
 
+# A long source is planned in spans, a chunk job each, at once (SplitRequest): span k
+# numbers its chunks from k * SPAN_STRIDE, so chunks of different spans never collide
+# and sort in time order.
+SPAN_STRIDE = 100_000
+
+
+class PlanSpan(BaseModel):
+    """A part of a long source planned by a chunk job of its own, from one quiet point
+    to the next (absolute seconds)."""
+
+    index: int = Field(ge=1, description="Its chunks are numbered from index * SPAN_STRIDE.")
+    start: float = Field(gt=0)
+    end: float | None = Field(default=None, description="None: to the end of the source.")
+
+
+class SplitRequest(Strict):
+    """What a long source's first chunk job sends once it has found where to cut the
+    source into spans: chunk jobs for the other spans are queued at once, and it plans
+    only the first span itself."""
+
+    lease_id: UUID
+    cuts: list[float] = Field(
+        min_length=1, max_length=1000, description="Where spans 1, 2, ... start, increasing."
+    )
+    language: str | None = Field(
+        default=None,
+        pattern=r"^[a-z]{2,3}$",
+        description="Detected from the first speech, for every chunk of every span.",
+    )
+
+
+class SplitResponse(BaseModel):
+    spans: list[PlanSpan] = Field(
+        description="The spans queued, in order: those of an earlier attempt, if one split "
+        "the source already (then the first span ends where they say)."
+    )
+
+
 class SettledChunks(Strict):
     """What a chunk job reports while it still reads its source: chunks no later audio
     can change, queued as transcribe jobs at once. Its completion's plan holds them
@@ -235,6 +273,14 @@ class ClaimedJob(BaseModel):
     options: TranscriptionOptions
     model: str
     chunk: ChunkSpan | None = Field(default=None, description="A transcribe job's range.")
+    span: PlanSpan | None = Field(
+        default=None, description="A chunk job that plans only this span of the source."
+    )
+    plan_span_seconds: float | None = Field(
+        default=None,
+        description="A source's first chunk job splits a source longer than about twice "
+        "this into spans this long, planned at once (None: it plans the whole source).",
+    )
     chunk_target_seconds: float = Field(description="A chunk job plans chunks near this long.")
     chunk_max_seconds: float = Field(description="...and never longer than this.")
     max_audio_seconds: float | None = Field(

@@ -90,22 +90,23 @@ def seconds_to_samples(seconds: float) -> int:
     return round(seconds * SAMPLE_RATE)
 
 
-def stream_audio(source: str, *, block_seconds: float = 30.0) -> Iterator[np.ndarray]:
-    """Decode the whole source as consecutive 16 kHz mono float32 blocks.
+def stream_audio(
+    source: str, start: float = 0.0, end: float | None = None, *, block_seconds: float = 30.0
+) -> Iterator[np.ndarray]:
+    """Decode [start, end) seconds of the source (the whole of it by default) as
+    consecutive 16 kHz mono float32 blocks, exactly as a full decode has them.
 
     Only one block is in memory at a time, so a 10-hour source costs no more
     than a short one. Raises MediaError (possibly after some blocks) when
-    ffmpeg fails, and when the source has no audio samples at all.
+    ffmpeg fails, and when a whole source has no audio samples at all.
     """
-    _check_local_file(source)
-    stream = _audio_input(source).filter("aresample", SAMPLE_RATE)
     block_bytes = max(1, round(block_seconds * SAMPLE_RATE)) * BYTES_PER_SAMPLE
     total = 0
-    with _FfmpegPipe(source, stream) as pipe:
+    with _FfmpegPipe(source, _range(source, start, end)) as pipe:
         for block in pipe.blocks(block_bytes):
             total += block.size
             yield block
-    if total == 0:
+    if total == 0 and start == 0:
         raise _zero_length()
 
 
@@ -114,12 +115,19 @@ def read_range(source: str, start: float, end: float) -> np.ndarray:
 
     Returns fewer samples when the source ends before ``end``.
     """
-    if start < 0 or end < start:
-        raise ValueError(f"invalid range [{start}, {end})")
-    first, stop = seconds_to_samples(start), seconds_to_samples(end)
-    if stop == first:
+    if seconds_to_samples(end) == seconds_to_samples(start) and 0 <= start <= end:
         return np.zeros(0, dtype=np.float32)
+    with _FfmpegPipe(source, _range(source, start, end)) as pipe:
+        blocks = list(pipe.blocks(1 << 22))
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+
+def _range(source: str, start: float, end: float | None) -> ffmpeg.nodes.FilterableStream:
+    """The decode of [start, end) (``end`` None: to the end), resampled and cut exactly."""
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"invalid range [{start}, {end})")
     _check_local_file(source)
+    first = seconds_to_samples(start)
     seek = max(0, first // SAMPLE_RATE - SEEK_PREROLL_SECONDS)
     stream = None
     if seek > 0:
@@ -129,13 +137,13 @@ def read_range(source: str, start: float, end: float) -> np.ndarray:
     if stream is None:
         seek = 0
         stream = _audio_input(source)
+    stream = stream.filter("aresample", SAMPLE_RATE)
     skip = first - seek * SAMPLE_RATE
-    stream = stream.filter("aresample", SAMPLE_RATE).filter(
-        "atrim", start_sample=skip, end_sample=skip + stop - first
-    )
-    with _FfmpegPipe(source, stream) as pipe:
-        blocks = list(pipe.blocks(1 << 22))
-    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    if end is not None:
+        return stream.filter(
+            "atrim", start_sample=skip, end_sample=skip + seconds_to_samples(end) - first
+        )
+    return stream.filter("atrim", start_sample=skip) if skip else stream
 
 
 @dataclass(frozen=True)

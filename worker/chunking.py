@@ -16,6 +16,13 @@ Chunks are handed out while the source is still being read (`on_settled`): the s
 detection, the window packing and the chunk runs all go left to right, so a chunk that
 later audio can no longer change is settled, and identical to the same chunk of the
 whole plan. Transcription of a long file starts within a second of planning's start.
+
+A long source is planned in spans, at once, by several chunk jobs (`span_cuts`): its
+first chunk job cuts it at the quietest stretch near every few minutes, and each span
+is planned as if it were a source of its own, its voice activity detection starting
+afresh at its cut. So a window never crosses a cut, and the windows near a cut may
+differ from the single pass's (a few windows an hour); everywhere else they are the
+same. Planning an hour then takes the time of one span, not of the hour.
 """
 
 from __future__ import annotations
@@ -23,19 +30,33 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from shared.protocol import ChunkPlan, ChunkSpan
-from worker.audio import SAMPLE_RATE, MediaError, probe_source, stream_audio
+from worker.audio import (
+    SAMPLE_RATE,
+    MediaError,
+    probe_source,
+    read_range,
+    seconds_to_samples,
+    stream_audio,
+)
 from worker.vad import FRAME, Span, SpeechProbabilities, pack_windows, speech_spans
+
+# A span's cut is the quietest 0.3 s (three 0.1 s frames) of the 30 s after its nominal start.
+CUT_SEARCH_SECONDS = 30.0
+_CUT_FRAME = SAMPLE_RATE // 10
+_CUT_FRAMES = 3
 
 
 def plan_chunks(
-    spans: Sequence[Span], target_seconds: float, max_seconds: float
+    spans: Sequence[Span], target_seconds: float, max_seconds: float, first_index: int = 0
 ) -> list[ChunkSpan]:
     """Runs of whole windows, each as near ``target_seconds`` long as the windows allow
-    and never longer than ``max_seconds`` (a window is never longer than that either)."""
+    and never longer than ``max_seconds`` (a window is never longer than that either),
+    numbered from ``first_index``."""
     if not 0 < target_seconds <= max_seconds:
         raise ValueError("need 0 < target_seconds <= max_seconds")
     chunks: list[list[Span]] = []
@@ -45,22 +66,31 @@ def plan_chunks(
             current.extend(window)
         else:
             chunks.append(list(window))
-    return [_chunk_span(i, chunk) for i, chunk in enumerate(chunks)]
+    return [_chunk_span(first_index + i, chunk) for i, chunk in enumerate(chunks)]
 
 
 def settled_chunks(
-    probabilities: np.ndarray, target_seconds: float, max_seconds: float
+    probabilities: np.ndarray,
+    target_seconds: float,
+    max_seconds: float,
+    offset: int = 0,
+    first_index: int = 0,
 ) -> list[ChunkSpan]:
-    """The chunks of the plan that no audio after these frames can change. The last
-    speech span may still grow, or be followed by one that changes the padding of the
-    span before it; the last window may take more spans, the last chunk more windows:
-    those (the last two spans) are left out (tests/unit/test_chunking.py)."""
+    """The chunks of the plan that no audio after these frames can change (the frames
+    of audio starting ``offset`` samples into the source). The last speech span may
+    still grow, or be followed by one that changes the padding of the span before it;
+    the last window may take more spans, the last chunk more windows: those (the last
+    two spans) are left out (tests/unit/test_chunking.py)."""
     samples = probabilities.size * FRAME
-    spans = speech_spans(probabilities, samples)[:-2]
+    spans = _placed(speech_spans(probabilities, samples)[:-2], offset)
     windows = pack_windows(spans, max_extent=max_seconds)[:-1]
     return plan_chunks(
-        [span for window in windows for span in window], target_seconds, max_seconds
+        [span for window in windows for span in window], target_seconds, max_seconds, first_index
     )[:-1]
+
+
+def _placed(spans: list[Span], offset: int) -> list[Span]:
+    return [(start + offset, end + offset) for start, end in spans]
 
 
 def _extends_toward(chunk: list[Span], window: list[Span], target: float, maximum: float) -> bool:
@@ -76,16 +106,54 @@ def _chunk_span(index: int, spans: list[Span]) -> ChunkSpan:
     return ChunkSpan(index=index, start=seconds[0][0], end=seconds[-1][1], speech=seconds)
 
 
+def span_cuts(source: str, span_seconds: float, max_audio_seconds: float = math.inf) -> list[float]:
+    """Where the spans of a long source start (none for a source shorter than about two
+    spans, or one that does not declare its duration): the quietest stretch of the
+    audio just after every ``span_seconds`` or so, read there and only there."""
+    declared = probe_source(source).declared_seconds
+    if declared is None or declared > max_audio_seconds:
+        return []  # planning it whole finds (and reports) the length
+    count = round(declared / span_seconds)
+    nominal = [round(k * declared / count) for k in range(1, count)]
+    with ThreadPoolExecutor(4) as pool:
+        found = pool.map(lambda at: read_range(source, at, at + CUT_SEARCH_SECONDS), nominal)
+        cuts = []
+        for at, audio in zip(nominal, found, strict=True):
+            quiet = quietest_point(audio)
+            if quiet is None:  # the source ends before its declared duration
+                break
+            # On the frame grid of the whole source's speech detection.
+            cut = round((at * SAMPLE_RATE + quiet) / FRAME) * FRAME
+            cuts.append(cut / SAMPLE_RATE)
+    return cuts
+
+
+def quietest_point(audio: np.ndarray) -> int | None:
+    """The sample in the middle of the audio's quietest 0.3 s (the first such, on a
+    tie), or None when it is shorter than that."""
+    frames = audio.size // _CUT_FRAME
+    if frames < _CUT_FRAMES:
+        return None
+    squares = np.square(audio[: frames * _CUT_FRAME], dtype=np.float64)
+    energy = squares.reshape(frames, _CUT_FRAME).sum(axis=1)
+    stretches = np.convolve(energy, np.ones(_CUT_FRAMES), mode="valid")
+    return int(np.argmin(stretches)) * _CUT_FRAME + _CUT_FRAMES * _CUT_FRAME // 2
+
+
 def plan_source(
     source: str,
     target_seconds: float,
     max_seconds: float,
     *,
+    start: float = 0.0,
+    end: float | None = None,
+    first_index: int = 0,
     max_audio_seconds: float = math.inf,
     deadline: float = math.inf,
     on_settled: Callable[[list[ChunkSpan]], None] | None = None,
 ) -> ChunkPlan:
-    """Decode the source (streamed), find its speech and plan its chunks.
+    """Decode the source's [start, end) (streamed; by default all of it), find its
+    speech and plan its chunks, on the source's timeline, numbered from ``first_index``.
 
     ``on_settled`` receives chunks as soon as they are settled, each once, in order;
     the plan returned holds them all. Settling is looked for each time the audio read
@@ -95,21 +163,25 @@ def plan_source(
     declares itself) longer than ``max_audio_seconds``, and when reading it is still
     going at ``deadline`` (``time.monotonic()``; a live stream never ends).
     """
-    declared = probe_source(source).declared_seconds
-    if declared is not None and declared > max_audio_seconds:
-        raise _too_long(f"declares {declared / 3600:.2f} h", max_audio_seconds)
+    if start == 0:
+        declared = probe_source(source).declared_seconds
+        if declared is not None and declared > max_audio_seconds:
+            raise _too_long(f"declares {declared / 3600:.2f} h", max_audio_seconds)
+    offset = seconds_to_samples(start)
     probabilities = SpeechProbabilities()
     settled: list[ChunkSpan] = []
     next_look = 2 * target_seconds * SAMPLE_RATE
-    for block in stream_audio(source):
+    for block in stream_audio(source, start, end):
         probabilities.feed(block)
         if on_settled is not None and probabilities.samples >= next_look:
             next_look = 2 * probabilities.samples
-            now = settled_chunks(probabilities.so_far(), target_seconds, max_seconds)
+            now = settled_chunks(
+                probabilities.so_far(), target_seconds, max_seconds, offset, first_index
+            )
             if len(now) > len(settled):
                 on_settled(now[len(settled) :])
                 settled = now
-        if probabilities.samples > max_audio_seconds * SAMPLE_RATE:
+        if offset + probabilities.samples > max_audio_seconds * SAMPLE_RATE:
             raise _too_long("goes on past it", max_audio_seconds)
         if time.monotonic() > deadline:
             raise MediaError(
@@ -119,9 +191,9 @@ def plan_source(
                 permanent=True,
             )
     samples = probabilities.samples
-    spans = speech_spans(probabilities.finish(), samples) if samples else []
-    chunks = plan_chunks(spans, target_seconds, max_seconds)
-    return ChunkPlan(duration_seconds=samples / SAMPLE_RATE, chunks=chunks)
+    spans = _placed(speech_spans(probabilities.finish(), samples), offset) if samples else []
+    chunks = plan_chunks(spans, target_seconds, max_seconds, first_index)
+    return ChunkPlan(duration_seconds=(offset + samples) / SAMPLE_RATE, chunks=chunks)
 
 
 def _too_long(how: str, limit: float) -> MediaError:

@@ -27,7 +27,9 @@ from shared.protocol import (
     ChunkSpan,
     ClaimedJob,
     JobOutcome,
+    PlanSpan,
     Registration,
+    SplitResponse,
     WorkerCapabilities,
 )
 
@@ -144,6 +146,13 @@ class BoardClient:
     async def settle(self, job: ClaimedJob, chunks: list[ChunkSpan]) -> None:
         body = {"lease_id": str(job.lease_id), "chunks": [c.model_dump() for c in chunks]}
         await self._post(f"/v1/jobs/{job.id}/chunks", body)
+
+    async def split(
+        self, job: ClaimedJob, cuts: list[float], language: str | None
+    ) -> list[PlanSpan]:
+        body = {"lease_id": str(job.lease_id), "cuts": cuts, "language": language}
+        data = await self._post(f"/v1/jobs/{job.id}/split", body)
+        return SplitResponse.model_validate(data).spans
 
     async def fail(self, job: ClaimedJob, error: str, permanent: bool) -> JobOutcome:
         body = {"lease_id": str(job.lease_id), "error": error[:4000], "permanent": permanent}

@@ -27,6 +27,7 @@ import numpy as np
 
 from shared import urlguard
 from shared.protocol import (
+    SPAN_STRIDE,
     BatchItemOutcome,
     CachedChunk,
     ChunkPlan,
@@ -36,7 +37,7 @@ from shared.protocol import (
     WorkerCapabilities,
 )
 from worker.audio import MediaError, read_range, seconds_to_samples
-from worker.chunking import plan_source
+from worker.chunking import plan_source, span_cuts
 from worker.client import BoardClient, BoardError, LeaseLost
 from worker.egress import Egress
 from worker.engines import Engine, EngineInput, load_engine
@@ -212,22 +213,8 @@ class Worker:
         return await self._read(batch) if batch else []
 
     async def _chunk(self, job: ClaimedJob) -> None:
-        # Chunks are queued as they settle, unless the language must be detected first
-        # (from the first speech, for every chunk).
-        detect_language = self._detects_language_once(job)
         try:
-            source = await self._source(job)
-            plan = await asyncio.to_thread(
-                plan_source,
-                source,
-                job.chunk_target_seconds,
-                job.chunk_max_seconds,
-                max_audio_seconds=job.max_audio_seconds or math.inf,
-                deadline=time.monotonic() + (job.max_job_seconds or math.inf),
-                on_settled=None if detect_language else self._settler(job),
-            )
-            if detect_language and plan.chunks:
-                plan.language = await asyncio.to_thread(self._first_language, job, source, plan)
+            plan = await self._plan(job, await self._source(job))
         except LeaseLost as exc:  # reported while planning: the job is someone else's now
             self.held.pop(str(job.id), None)
             self.lost.discard(str(job.id))
@@ -241,6 +228,63 @@ class Worker:
             await self._fail(job, f"chunking failed: {exc}", permanent=False)
             return
         await self._finish([(job, plan)])
+
+    async def _plan(self, job: ClaimedJob, source: str) -> ChunkPlan:
+        """The plan of the job's span; or a long source's first job splits the source
+        into spans, queues the others' chunk jobs and plans the first; or the whole
+        source's. Chunks are queued as they settle, unless the language must be detected
+        first (from the first speech, for every chunk)."""
+        detect = self._detects_language_once(job)
+        deadline = time.monotonic() + (job.max_job_seconds or math.inf)
+        plan_range = functools.partial(self._plan_range, job, source, deadline)
+        if job.span is not None:
+            span = job.span
+            return await plan_range(span.start, span.end, span.index * SPAN_STRIDE, True)
+        cuts, language = [], None
+        if job.plan_span_seconds:
+            cuts = await asyncio.to_thread(
+                span_cuts, source, job.plan_span_seconds, job.max_audio_seconds or math.inf
+            )
+        if cuts and detect:  # every span's chunks are queued with the language known
+            first = await plan_range(0.0, cuts[0], 0, False)
+            if first.chunks:
+                language = await asyncio.to_thread(self._first_language, job, source, first)
+            else:  # no speech to detect it from in the first span: plan the source whole
+                cuts = []
+        end = None
+        if cuts:
+            end = (await self.client.split(job, cuts, language))[0].start
+            if detect and end == cuts[0]:
+                return first.model_copy(update={"language": language})
+        plan = await plan_range(0.0, end, 0, not detect)
+        if detect and plan.chunks:
+            plan.language = language or await asyncio.to_thread(
+                self._first_language, job, source, plan
+            )
+        return plan
+
+    async def _plan_range(
+        self,
+        job: ClaimedJob,
+        source: str,
+        deadline: float,
+        start: float,
+        end: float | None,
+        first_index: int,
+        settle: bool,
+    ) -> ChunkPlan:
+        return await asyncio.to_thread(
+            plan_source,
+            source,
+            job.chunk_target_seconds,
+            job.chunk_max_seconds,
+            start=start,
+            end=end,
+            first_index=first_index,
+            max_audio_seconds=job.max_audio_seconds or math.inf,
+            deadline=deadline,
+            on_settled=self._settler(job) if settle else None,
+        )
 
     def _settler(self, job: ClaimedJob) -> Callable[[list[ChunkSpan]], None]:
         """What the planner (in its thread) calls with settled chunks: they are sent to

@@ -35,8 +35,11 @@ from shared.protocol import (
     JobOutcome,
     LeaseRequest,
     LeaseResponse,
+    PlanSpan,
     Registration,
     SettledChunks,
+    SplitRequest,
+    SplitResponse,
     TranscriptionOptions,
     WorkerCapabilities,
 )
@@ -144,7 +147,9 @@ async def claim_jobs(request: Request, body: ClaimRequest, caller: Caller) -> li
 
 
 def claimed_job(row: Any, base_url: str, state: ServerState) -> ClaimedJob:
-    chunk = None
+    chunk = span = None
+    if row["kind"] == "chunk" and row["seq"] < 0:  # one span of a long source
+        span = PlanSpan(index=-row["seq"], start=row["start_seconds"], end=row["end_seconds"])
     if row["kind"] == "transcribe":
         chunk = ChunkSpan(
             index=row["seq"] - 1,
@@ -171,6 +176,8 @@ def claimed_job(row: Any, base_url: str, state: ServerState) -> ClaimedJob:
         options=options,
         model=row["model"] or options.model or state.settings.default_model,
         chunk=chunk,
+        span=span,
+        plan_span_seconds=(state.settings.plan_span_seconds or None) if row["seq"] == 0 else None,
         chunk_target_seconds=options.target_chunk_seconds or state.settings.default_chunk_seconds,
         chunk_max_seconds=state.settings.max_chunk_seconds,
         max_audio_seconds=state.settings.max_audio_seconds,
@@ -248,6 +255,19 @@ async def settle(
     is queued once."""
     await server_state(request).board.queue.settle(job_id, body.lease_id, body.chunks)
     return JobOutcome(state="leased")
+
+
+@router.post("/jobs/{job_id}/split", response_model=SplitResponse, responses=LEASE_ERRORS)
+async def split(
+    request: Request, job_id: UUID, body: SplitRequest, caller: WorkerKey
+) -> SplitResponse:
+    """A long source's first chunk job cuts it into spans at quiet points: a chunk job
+    is queued for each further span, so several workers plan the source at once, each
+    reading only its span. Asked again (a retried job), it returns the spans queued the
+    first time: the first span ends where they start."""
+    queue = server_state(request).board.queue
+    spans = await queue.split(job_id, body.lease_id, body.cuts, body.language)
+    return SplitResponse(spans=spans)
 
 
 @router.post("/jobs/{job_id}/fail", response_model=JobOutcome, responses=LEASE_ERRORS)

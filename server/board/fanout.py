@@ -1,5 +1,6 @@
-"""Fan-out and fan-in: a chunk job's plan becomes transcribe jobs (queued as chunks
-settle, and with its completion), inside the chunk job's transaction, under the
+"""Fan-out and fan-in: a long source's first chunk job splits its planning into spans,
+a chunk job each; a chunk job's plan becomes transcribe jobs (queued as chunks settle,
+and with its completion), inside the chunk job's transaction, under the
 transcription's lock; the transcribe job whose completion counts the last one done
 (Queue.complete) has the transcript merged, in a transaction of its own."""
 
@@ -39,21 +40,65 @@ SELECT count(*) FROM inserted
 
 # Primary key lookup. While planning goes on, jobs_total counts the chunks queued so
 # far and duration_seconds stays NULL: a transcription is merged only once its plan is
-# complete (PLANNED) and every job is done.
+# complete (PLAN_COMPLETE) and every job is done.
 SETTLED = """
 UPDATE transcriptions
 SET jobs_total = jobs_total + $2, state = 'running', started_at = coalesce(started_at, now())
 WHERE id = $1
 """
 
-# Primary key lookup. Returns the counts: transcribe jobs of settled chunks may all be
-# done before the plan is.
+# Primary key lookup. Counts a chunk job's chunks not queued before; the language is
+# the one the first chunk job detected (a span's plan has none).
 PLANNED = """
 UPDATE transcriptions
-SET duration_seconds = $2, jobs_total = $3, detected_language = $4, state = 'running',
-    started_at = coalesce(started_at, now())
+SET jobs_total = jobs_total + $2, detected_language = coalesce($3, detected_language),
+    state = 'running', started_at = coalesce(started_at, now())
 WHERE id = $1 AND state IN ('queued', 'running')
-RETURNING jobs_done, jobs_total, duration_seconds
+"""
+
+# ix_jobs_transcription, then a primary key lookup. The plan is complete once every chunk
+# job (one, or one per span of a long source) has succeeded; the source ends where the
+# last span did. Returns nothing while spans are still being planned. Transcribe jobs of
+# settled chunks may all be done before the plan is.
+PLAN_COMPLETE = """
+UPDATE transcriptions t SET duration_seconds = plans.duration_seconds
+FROM (
+    SELECT max((result ->> 'duration_seconds')::float8) AS duration_seconds
+    FROM jobs WHERE transcription_id = $1 AND kind = 'chunk'
+    HAVING bool_and(state = 'succeeded')
+) AS plans
+WHERE t.id = $1 AND t.state = 'running'
+RETURNING t.jobs_done >= t.jobs_total AS all_done, t.duration_seconds
+"""
+
+# Fan-out of the planning itself: a chunk job for each further span of a long source
+# (span k is seq -k), queued once: a retried first chunk job gets the spans of the first
+# attempt (SPANS). ix_jobs_transcription.
+INSERT_SPAN_JOBS = """
+WITH inserted AS (
+    INSERT INTO jobs (transcription_id, kind, state, seq, priority, submitted_at,
+                      start_seconds, end_seconds, max_attempts)
+    SELECT t.id, 'chunk', 'queued', -s.k, t.priority, t.created_at,
+           s.start_seconds, s.end_seconds, $4
+    FROM transcriptions t,
+         unnest($2::float8[], $3::float8[]) WITH ORDINALITY AS s(start_seconds, end_seconds, k)
+    WHERE t.id = $1
+      AND NOT EXISTS (SELECT 1 FROM jobs WHERE transcription_id = $1 AND seq < 0)
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""
+
+# ix_jobs_transcription.
+SPANS = """
+SELECT -seq AS index, start_seconds AS start, end_seconds AS end FROM jobs
+WHERE transcription_id = $1 AND seq < 0
+ORDER BY seq DESC
+"""
+
+# Primary key lookup: the language every chunk of every span is transcribed in.
+SPLIT_LANGUAGE = """
+UPDATE transcriptions SET detected_language = coalesce(detected_language, $2) WHERE id = $1
 """
 
 # Primary key lookup, the first lock of the merge: a transcription whose plan is complete
@@ -96,24 +141,37 @@ class FanOut:
         added = await self._insert(conn, transcription_id, chunks)
         await conn.execute(SETTLED, transcription_id, added)
 
+    async def split(
+        self, conn: asyncpg.Connection, transcription_id: UUID, cuts: list[float], language
+    ) -> list[dict]:
+        """Queues a chunk job per further span (once); returns the spans queued."""
+        ends = [*cuts[1:], None]
+        added = await conn.fetchval(
+            INSERT_SPAN_JOBS, transcription_id, cuts, ends, self.settings.max_attempts
+        )
+        if added:
+            await notify_jobs(conn, added)
+        if language is not None:
+            await conn.execute(SPLIT_LANGUAGE, transcription_id, language)
+        return [dict(row) for row in await conn.fetch(SPANS, transcription_id)]
+
     async def planned(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
+        """A chunk job's plan (of the whole source, or of one span): its chunks are
+        queued, and once every span is planned the transcription has its duration."""
         limit = self.settings.max_audio_seconds
         if plan.duration_seconds > limit:
             reason = (
                 f"the audio is {plan.duration_seconds / 3600:.2f} h long; the limit is "
                 f"{limit / 3600:.2f} h (SCRIBEFARM_MAX_AUDIO_SECONDS). Split the recording."
             )
-            await conn.execute(PLANNED, transcription_id, plan.duration_seconds, 0, None)
             await self.transcriptions.fail(conn, transcription_id, reason)
             return
-        await self._insert(conn, transcription_id, plan.chunks)
-        counts = await conn.fetchrow(
-            PLANNED, transcription_id, plan.duration_seconds, len(plan.chunks), plan.language
-        )
-        # Transcribe jobs of settled chunks may all be done before the plan is; a plan of
-        # no chunks is an empty transcript, done now.
-        if counts is not None and counts["jobs_done"] >= counts["jobs_total"]:
-            await self._merge(conn, transcription_id, plan.duration_seconds)
+        added = await self._insert(conn, transcription_id, plan.chunks)
+        await conn.execute(PLANNED, transcription_id, added, plan.language)
+        complete = await conn.fetchrow(PLAN_COMPLETE, transcription_id)
+        # A plan of no chunks is an empty transcript, done now.
+        if complete is not None and complete["all_done"]:
+            await self._merge(conn, transcription_id, complete["duration_seconds"])
 
     async def merge(self, transcription_id: UUID) -> bool:
         """Merges the transcript of a transcription whose jobs are all done, once: in a

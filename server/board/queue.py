@@ -3,6 +3,7 @@ alive, and complete, fail or release them; a job whose last lease expired is dea
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -179,8 +180,9 @@ FROM job
 """
 
 # Primary key lookups; fenced on the chunk job's lease, under its transcription's lock.
-SETTLING = """
-SELECT j.transcription_id, j.kind FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
+PLANNING = """
+SELECT j.transcription_id, j.kind, j.seq
+FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
 WHERE j.id = $1 AND j.lease_id = $2 AND j.state = 'leased' AND t.state IN ('queued', 'running')
 """
 
@@ -347,12 +349,34 @@ class Queue:
             )
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
-            job = await conn.fetchrow(SETTLING, job_id, lease_id)
+            job = await conn.fetchrow(PLANNING, job_id, lease_id)
             if job is None:
                 await raise_fenced(conn, job_id, lease_id)
             if job["kind"] != "chunk":
                 raise wrong_kind(job_id, job["kind"])
             await self.fanout.settled(conn, job["transcription_id"], chunks)
+
+    async def split(
+        self, job_id: UUID, lease_id: UUID, cuts: list[float], language: str | None
+    ) -> list[dict]:
+        """Queues a chunk job for each further span of a long source, once; fenced on the
+        lease of the source's first chunk job. Returns the spans queued."""
+        limit = self.settings.max_audio_seconds
+        increasing = all(a < b for a, b in itertools.pairwise(cuts))
+        if cuts[0] <= 0 or not increasing or cuts[-1] >= limit:
+            raise Invalid(
+                "invalid_cuts",
+                f"cuts must increase from above 0 s to below {limit:.0f} s "
+                "(SCRIBEFARM_MAX_AUDIO_SECONDS)",
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
+            job = await conn.fetchrow(PLANNING, job_id, lease_id)
+            if job is None:
+                await raise_fenced(conn, job_id, lease_id)
+            if job["kind"] != "chunk" or job["seq"] != 0:
+                raise Invalid("not_splittable", f"job {job_id} is not a source's first chunk job")
+            return await self.fanout.split(conn, job["transcription_id"], cuts, language)
 
     async def fail(self, job_id: UUID, lease_id: UUID, error: str, permanent: bool):
         async with self.pool.acquire() as conn, conn.transaction():
