@@ -159,7 +159,8 @@ class Job(SQLModel, table=True):
     transcription_id: UUID = Field(foreign_key="transcriptions.id", ondelete="CASCADE")
     kind: str
     state: str = Field(default="queued")
-    # 0 for the chunk job, i + 1 for chunk i's transcribe job.
+    # 0 for the chunk job (-k for span k's of a long source), i + 1 for chunk i's
+    # transcribe job.
     seq: int
     model: str | None = Field(default=None, description="NULL: any worker can run it.")
     priority: int = 0

@@ -342,6 +342,84 @@ def test_idle_workers_split_the_last_jobs_of_a_file(server, keys, submitter, wor
     other.close()
 
 
+def split(worker, job, cuts: list[float], language: str | None = None) -> httpx.Response:
+    body = {"lease_id": job["lease_id"], "cuts": cuts, "language": language}
+    return worker.http.post(f"/v1/jobs/{job['id']}/split", json=body)
+
+
+def span_plan(span: dict | None, first_index: int, chunks: int, end: float) -> dict:
+    """A plan of `chunks` 10 s chunks from the span's start (0 for the first span)."""
+    start = span["start"] if span else 0.0
+    return {
+        "kind": "chunk",
+        "duration_seconds": end,
+        "chunks": [
+            {"index": first_index + i, "start": start + 10 * i, "end": start + 10 * i + 10}
+            for i in range(chunks)
+        ],
+    }
+
+
+def test_a_long_source_is_planned_in_spans_by_several_chunk_jobs_at_once(
+    server, keys, submitter, worker
+):
+    """leased first chunk job: split → a queued chunk job per further span; each span's
+    plan fans out on its own; the transcription is planned (and merged) once every
+    span's plan is in, its duration where the last span ended."""
+    tid = submit(submitter, b"long audio").json()["id"]
+    [first] = worker.claim()
+    assert first["plan_span_seconds"] == 300 and first["span"] is None
+    response = split(worker, first, [300.5, 600.25], language="de")
+    assert response.status_code == 200, response.text
+    spans = response.json()["spans"]
+    assert spans == [
+        {"index": 1, "start": 300.5, "end": 600.25},
+        {"index": 2, "start": 600.25, "end": None},
+    ]
+    # A retried first job gets the first attempt's spans, whatever cuts it found.
+    assert split(worker, first, [301.0, 601.0]).json()["spans"] == spans
+    others = [ProtocolWorker(server, keys["worker"], f"planner-{i}") for i in range(2)]
+    planners = [other.claim()[0] for other in others]  # both spans at once
+    assert sorted(p["span"]["index"] for p in planners) == [1, 2]
+    assert all(p["kind"] == "chunk" and p["plan_span_seconds"] is None for p in planners)
+    for other, planner in zip(others, planners, strict=True):
+        span = planner["span"]
+        plan = span_plan(span, span["index"] * 100_000, 2, span["end"] or 800.0)
+        assert other.complete(planner, plan).status_code == 200
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["duration_seconds"] is None  # the first span is still being planned
+    jobs = worker.claim(max_jobs=10)
+    assert {j["options"]["language"] for j in jobs} == {"de"}  # from the split
+    for job in jobs:
+        assert worker.complete(job, chunk_transcript(job)).status_code == 200
+    assert submitter.get(f"/v1/transcriptions/{tid}").json()["state"] == "running"
+    assert worker.complete(first, span_plan(None, 0, 1, 300.5)).status_code == 200
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["duration_seconds"] == 800.0 and view["progress"]["jobs_total"] == 5
+    [last] = worker.claim()
+    assert last["chunk"]["index"] == 0
+    assert worker.complete(last, chunk_transcript(last)).status_code == 200
+    transcript = submitter.get(f"/v1/transcriptions/{tid}/transcript").json()
+    starts = [0.5, 301.0, 311.0, 600.75, 610.75]  # in time order, across spans
+    assert [s["start"] for s in transcript["segments"]] == starts
+    for other in others:
+        other.close()
+
+
+def test_only_a_sources_first_chunk_job_splits_it_and_only_forward(server, submitter, worker):
+    submit(submitter, b"long audio")
+    [first] = worker.claim()
+    for cuts in ([0.0, 10.0], [300.0, 200.0], [300.0, 300.0], [1e9]):
+        response = split(worker, first, cuts)
+        assert response.status_code == 422 and response.json()["code"] == "invalid_cuts", cuts
+    stale = split(worker, {**first, "lease_id": str(uuid.uuid4())}, [300.0])
+    assert stale.status_code == 409 and stale.json()["code"] == "lease_lost"
+    assert split(worker, first, [300.0]).status_code == 200
+    [span] = worker.claim()
+    assert span["span"] == {"index": 1, "start": 300.0, "end": None}
+    assert split(worker, span, [400.0]).json()["code"] == "not_splittable"
+
+
 @pytest.mark.parametrize("per_chunk", [False, True])
 def test_the_plans_speech_and_language_reach_every_transcribe_job(
     server, submitter, worker, per_chunk

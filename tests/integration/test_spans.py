@@ -1,0 +1,118 @@
+"""A long source planned in spans, by several chunk jobs at once (issue 15): it is cut in
+its pauses, each span's plan is the whole plan's there (but for the windows nearest a
+cut), and the farm's transcript stays as accurate as faster-whisper's own pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+from shared.protocol import SPAN_STRIDE
+from tests.farm import WorkerProcess, submit, wait_until_finished
+from tests.realspeech import default_cache_dir, excerpt
+from tests.speech import decode, word_error_rate
+from worker.audio import SAMPLE_RATE, read_range
+from worker.chunking import CUT_SEARCH_SECONDS, plan_source, span_cuts
+from worker.engines import resolve_model
+from worker.vad import FRAME
+
+SPAN_SECONDS = 120.0  # the smallest the server allows: three spans in six minutes
+LOOPS = 3
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return excerpt(default_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def long_source(recording, media):
+    """Six minutes of real speech, as an MP3 (seeks into it must be exact)."""
+    looped = np.concatenate([decode(recording.audio)] * LOOPS)
+    return str(media.convert(media.write_wav(looped), "mp3"))
+
+
+def speech_of(plan) -> set[tuple[float, float]]:
+    return {(round(s, 3), round(e, 3)) for chunk in plan.chunks for s, e in chunk.speech}
+
+
+def test_a_long_source_is_cut_in_its_pauses_and_each_span_plans_as_the_whole_does(
+    long_source,
+):
+    whole = plan_source(long_source, 60, 120)
+    cuts = span_cuts(long_source, SPAN_SECONDS)
+    assert len(cuts) == 2
+    duration = whole.duration_seconds
+    for k, cut in enumerate(cuts, start=1):
+        nominal = round(k * duration / 3)
+        assert nominal <= cut < nominal + CUT_SEARCH_SECONDS
+        assert round(cut * SAMPLE_RATE) % FRAME == 0  # on the speech detection's frames
+        # In a pause: no speech the whole source's plan found, and quiet around it.
+        assert not any(s < cut < e for chunk in whole.chunks for s, e in chunk.speech)
+        around = read_range(long_source, cut - 0.1, cut + 0.1)
+        assert np.sqrt(np.mean(np.square(around))) < 0.01
+
+    bounds = [0.0, *cuts, None]
+    spans = []
+    for k in range(3):
+        settled = []
+        plan = plan_source(
+            long_source,
+            60,
+            120,
+            start=bounds[k],
+            end=bounds[k + 1],
+            first_index=k * SPAN_STRIDE,
+            on_settled=settled.extend,
+        )
+        assert plan.chunks[: len(settled)] == settled  # settled early, the same
+        numbers = [k * SPAN_STRIDE + i for i in range(len(plan.chunks))]
+        assert [c.index for c in plan.chunks] == numbers
+        end = bounds[k + 1] or duration
+        assert all(bounds[k] <= c.start < c.end <= end for c in plan.chunks)
+        spans.append(plan)
+    assert spans[-1].duration_seconds == duration
+    ours = set().union(*(speech_of(plan) for plan in spans))
+    theirs = speech_of(whole)
+    # The same speech (within 1 %), and the same spans but near the cuts, where speech
+    # detection starts afresh.
+    assert abs(sum(e - s for s, e in ours) / sum(e - s for s, e in theirs) - 1) < 0.01
+    assert len(ours & theirs) >= 0.75 * len(theirs)
+
+
+def test_the_farm_plans_a_long_file_in_spans_as_accurately_as_the_pipeline(
+    make_server, recording, long_source
+):
+    server = make_server(plan_span_seconds=SPAN_SECONDS)
+    keys = {role: server.create_key(role) for role in ("submit", "worker")}
+    workers = [
+        WorkerProcess(server, keys["worker"], f"spans-{i}", ("--threads", "1")).start()
+        for i in range(2)
+    ]
+    try:
+        with server.client(keys["submit"]) as client:
+            with open(long_source, "rb") as audio:
+                response = submit(client, audio.read(), "long.mp3")
+            assert response.status_code == 201, response.text
+            view = wait_until_finished(client, response.json()["id"])
+            assert view["state"] == "succeeded", view
+            text = client.get(f"/v1/transcriptions/{view['id']}/transcript?format=txt").text
+    finally:
+        for worker in workers:
+            worker.stop()
+    planners = server.sql(
+        "SELECT seq, state FROM jobs WHERE transcription_id = $1 AND kind = 'chunk'", view["id"]
+    )
+    assert sorted((r["seq"], r["state"]) for r in planners) == [
+        (-2, "succeeded"),
+        (-1, "succeeded"),
+        (0, "succeeded"),
+    ]
+    model = WhisperModel(resolve_model("tiny.en"), device="cpu", compute_type="int8", cpu_threads=2)
+    segments, _ = BatchedInferencePipeline(model).transcribe(long_source, batch_size=8)
+    direct = " ".join(s.text.strip() for s in segments)
+    reference = " ".join([recording.text] * LOOPS)
+    ours, theirs = word_error_rate(reference, text), word_error_rate(reference, direct)
+    print(f"WER farm in spans {ours:.3f}, direct {theirs:.3f}")
+    assert ours <= theirs + 0.01
