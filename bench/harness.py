@@ -36,12 +36,15 @@ class Farm:
     keys: dict[str, str] = field(default_factory=dict)
     client: httpx.Client | None = None
     batch_size: int | None = None  # the running workers' --batch-size
+    settings: dict[str, object] = field(default_factory=dict)  # the server's, over BURST's
     _pg: Postgres | None = None
 
     def start(self) -> Farm:
+        self.root.mkdir(parents=True, exist_ok=True)
         self._pg = Postgres(self.root / "postgres")
         url = create_database(self._pg.uri)
-        self.server = Server(url, self.root / "farm", BURST_SETTINGS).start()
+        settings = {k: str(v) for k, v in {**BURST_SETTINGS, **self.settings}.items()}
+        self.server = Server(url, self.root / "farm", settings).start()
         self.keys = {role: self.server.create_key(role) for role in ("submit", "worker")}
         self.client = self.server.client(self.keys["submit"], timeout=120)
         return self

@@ -113,9 +113,10 @@ class LongFile:
     speed: float
     seconds: float  # submit → succeeded
     first_claim: float  # upload stored (row created) → first transcribe job claimed
-    planned: float  # row created → the chunk job completed
+    planned: float  # row created → the last chunk job completed
     chunks: int
     busy: float  # the workers' engine time / (their transcribe time), all together
+    planners: int  # chunk jobs: 1 when the file is planned whole, else one per span
 
 
 @dataclass
@@ -129,8 +130,10 @@ SELECT extract(epoch FROM t.created_at) AS created,
        extract(epoch FROM t.finished_at) AS finished, t.state,
        (SELECT extract(epoch FROM min(j.leased_at)) FROM jobs j
         WHERE j.transcription_id = t.id AND j.kind = 'transcribe') AS first_claim,
-       (SELECT extract(epoch FROM j.finished_at) FROM jobs j
+       (SELECT extract(epoch FROM max(j.finished_at)) FROM jobs j
         WHERE j.transcription_id = t.id AND j.kind = 'chunk') AS planned,
+       (SELECT count(*) FROM jobs j
+        WHERE j.transcription_id = t.id AND j.kind = 'chunk') AS planners,
        (SELECT count(*) FROM jobs j
         WHERE j.transcription_id = t.id AND j.kind = 'transcribe') AS chunks
 FROM transcriptions t WHERE t.id = $1
@@ -166,31 +169,42 @@ def one_file(farm: Farm, path: Path, workers: int, speed: float) -> LongFile:
         planned=float(t["planned"]) - float(t["created"]),
         chunks=t["chunks"],
         busy=engine / span if span else 0.0,
+        planners=t["planners"],
     )
 
 
 def measure(options: Options, work: Path) -> Results:
     path, _ = long_speech(media(), options.audio_seconds)
     results = Results(audio=options.audio_seconds)
-    farm = Farm(work).start()
+    farm = Farm(work / "spans").start()
     try:
         for speed in options.speeds:
             for workers in options.workers:
                 if speed != options.speeds[0] and workers != 1:
                     continue  # other speeds: one worker's engine-busy share only
-                result = one_file(farm, path, workers, speed)
-                log(
-                    f"{workers} worker(s) at {speed:g}×: {result.seconds:.2f} s, first "
-                    f"transcribe claim {result.first_claim:.2f} s, engine busy {result.busy:.0%}"
-                )
-                results.runs.append(result)
+                results.runs.append(logged(one_file(farm, path, workers, speed)))
+    finally:
+        farm.stop()
+    # Side by side: the most workers, the file planned whole by one chunk job.
+    farm = Farm(work / "whole", settings={"plan_span_seconds": 0}).start()
+    try:
+        results.runs.append(logged(one_file(farm, path, max(options.workers), options.speeds[0])))
     finally:
         farm.stop()
     return results
 
 
+def logged(result: LongFile) -> LongFile:
+    log(
+        f"{result.workers} worker(s) at {result.speed:g}×, {result.planners} planner(s): "
+        f"{result.seconds:.2f} s, first transcribe claim {result.first_claim:.2f} s, "
+        f"planned {result.planned:.2f} s, engine busy {result.busy:.0%}"
+    )
+    return result
+
+
 def report(results: Results, info: dict[str, str], load_start: str, quiet: bool) -> str:
-    base = [r for r in results.runs if r.speed == 200]
+    base = [r for r in results.runs if r.speed == 200 and r.planners > 1]
     at_30 = [r for r in base if r.workers == 30]
     one = [r for r in base if r.workers == 1]
     lines = header_lines(info, command_line(), load_start, quiet) + TARGETS_HEADER
@@ -214,14 +228,15 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
         "",
         f"### One {results.audio / 60:.0f}-minute file",
         "",
-        "| workers | engine speed | submit → succeeded s | upload stored → first "
-        "transcribe claim s | → planned s | chunks | engine busy |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| workers | engine speed | planned by (chunk jobs) | submit → succeeded s | "
+        "upload stored → first transcribe claim s | → planned s | chunks | engine busy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.runs:
+        planners = f"{r.planners} spans" if r.planners > 1 else "1 (whole: spans off)"
         lines.append(
-            f"| {r.workers} | {r.speed:g}× | {r.seconds:.2f} | {r.first_claim:.2f} | "
-            f"{r.planned:.2f} | {r.chunks} | {r.busy:.0%} |"
+            f"| {r.workers} | {r.speed:g}× | {planners} | {r.seconds:.2f} | "
+            f"{r.first_claim:.2f} | {r.planned:.2f} | {r.chunks} | {r.busy:.0%} |"
         )
     lines += [
         "",
@@ -239,6 +254,9 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
         "when the upload starts). Engine busy: the engine time the transcribe jobs report, "
         "over each worker's span from its first transcribe claim to its last completion, "
         "summed over workers.",
+        "- Planning: the server's default SCRIBEFARM_PLAN_SPAN_SECONDS (300 s) has the "
+        "file planned in spans, a chunk job each, at once; the last row plans it whole "
+        "(0), on a second farm, for comparison.",
         f"- Everything shares this machine's {info['cpus']} cores: with many workers, "
         "their processes, the server and PostgreSQL compete for them.",
     ]

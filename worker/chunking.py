@@ -17,7 +17,7 @@ detection, the window packing and the chunk runs all go left to right, so a chun
 later audio can no longer change is settled, and identical to the same chunk of the
 whole plan. Transcription of a long file starts within a second of planning's start.
 
-A long source is planned in spans, at once, by several chunk jobs (`span_cuts`): its
+A long source is planned in spans, at once, by several chunk jobs (`span_starts`, `quiet_cuts`): its
 first chunk job cuts it at the quietest stretch near every few minutes, and each span
 is planned as if it were a source of its own, its voice activity detection starting
 afresh at its cut. So a window never crosses a cut, and the windows near a cut may
@@ -106,25 +106,29 @@ def _chunk_span(index: int, spans: list[Span]) -> ChunkSpan:
     return ChunkSpan(index=index, start=seconds[0][0], end=seconds[-1][1], speech=seconds)
 
 
-def span_cuts(source: str, span_seconds: float, max_audio_seconds: float = math.inf) -> list[float]:
-    """Where the spans of a long source start (none for a source shorter than about two
-    spans, or one that does not declare its duration): the quietest stretch of the
-    audio just after every ``span_seconds`` or so, read there and only there."""
+def span_starts(source: str, span_seconds: float, max_audio_seconds: float = math.inf) -> list[int]:
+    """About where the spans of a long source start: every ``span_seconds`` or so, in
+    whole seconds (none for a source shorter than about two spans, or one that does not
+    declare its duration)."""
     declared = probe_source(source).declared_seconds
     if declared is None or declared > max_audio_seconds:
         return []  # planning it whole finds (and reports) the length
     count = round(declared / span_seconds)
-    nominal = [round(k * declared / count) for k in range(1, count)]
+    return [round(k * declared / count) for k in range(1, count)]
+
+
+def quiet_cuts(source: str, starts: list[int]) -> list[float]:
+    """The cut near each start: the quietest stretch of the 30 s after it, on the frame
+    grid of the whole source's speech detection; the audio is read there and only there.
+    Stops where the source ends (before its declared duration)."""
     with ThreadPoolExecutor(4) as pool:
-        found = pool.map(lambda at: read_range(source, at, at + CUT_SEARCH_SECONDS), nominal)
+        found = pool.map(lambda at: read_range(source, at, at + CUT_SEARCH_SECONDS), starts)
         cuts = []
-        for at, audio in zip(nominal, found, strict=True):
+        for at, audio in zip(starts, found, strict=True):
             quiet = quietest_point(audio)
-            if quiet is None:  # the source ends before its declared duration
+            if quiet is None:
                 break
-            # On the frame grid of the whole source's speech detection.
-            cut = round((at * SAMPLE_RATE + quiet) / FRAME) * FRAME
-            cuts.append(cut / SAMPLE_RATE)
+            cuts.append(round((at * SAMPLE_RATE + quiet) / FRAME) * FRAME / SAMPLE_RATE)
     return cuts
 
 

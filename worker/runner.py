@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -37,7 +37,7 @@ from shared.protocol import (
     WorkerCapabilities,
 )
 from worker.audio import MediaError, read_range, seconds_to_samples
-from worker.chunking import plan_source, span_cuts
+from worker.chunking import plan_source, quiet_cuts, span_starts
 from worker.client import BoardClient, BoardError, LeaseLost
 from worker.egress import Egress
 from worker.engines import Engine, EngineInput, load_engine
@@ -233,34 +233,48 @@ class Worker:
         """The plan of the job's span; or a long source's first job splits the source
         into spans, queues the others' chunk jobs and plans the first; or the whole
         source's. Chunks are queued as they settle, unless the language must be detected
-        first (from the first speech, for every chunk)."""
+        first (from the first speech, for every chunk of every span)."""
         detect = self._detects_language_once(job)
         deadline = time.monotonic() + (job.max_job_seconds or math.inf)
         plan_range = functools.partial(self._plan_range, job, source, deadline)
         if job.span is not None:
             span = job.span
             return await plan_range(span.start, span.end, span.index * SPAN_STRIDE, True)
-        cuts, language = [], None
+        starts = []
         if job.plan_span_seconds:
-            cuts = await asyncio.to_thread(
-                span_cuts, source, job.plan_span_seconds, job.max_audio_seconds or math.inf
-            )
-        if cuts and detect:  # every span's chunks are queued with the language known
-            first = await plan_range(0.0, cuts[0], 0, False)
-            if first.chunks:
-                language = await asyncio.to_thread(self._first_language, job, source, first)
-            else:  # no speech to detect it from in the first span: plan the source whole
-                cuts = []
-        end = None
-        if cuts:
-            end = (await self.client.split(job, cuts, language))[0].start
-            if detect and end == cuts[0]:
-                return first.model_copy(update={"language": language})
-        plan = await plan_range(0.0, end, 0, not detect)
+            limit = job.max_audio_seconds or math.inf
+            starts = await asyncio.to_thread(span_starts, source, job.plan_span_seconds, limit)
+        cuts = await asyncio.to_thread(quiet_cuts, source, starts[:1])
+        if not cuts:
+            return await self._plan_whole(job, source, plan_range, detect)
+        # The first span is planned while the other cuts are found and split off.
+        first = asyncio.create_task(plan_range(0.0, cuts[0], 0, not detect))
+        try:
+            cuts += await asyncio.to_thread(quiet_cuts, source, starts[1:])
+            language = None
+            if detect:
+                if not (await first).chunks:  # no speech to detect the language from
+                    return await self._plan_whole(job, source, plan_range, detect)
+                language = await asyncio.to_thread(self._first_language, job, source, await first)
+            spans = await self.client.split(job, cuts, language)
+        except BaseException:
+            first.cancel()
+            raise
+        plan = await first
+        if spans[0].start != cuts[0]:  # an earlier attempt split it elsewhere
+            plan = await plan_range(0.0, spans[0].start, 0, not detect)
+        return plan.model_copy(update={"language": language})
+
+    async def _plan_whole(
+        self,
+        job: ClaimedJob,
+        source: str,
+        plan_range: Callable[..., Awaitable[ChunkPlan]],
+        detect: bool,
+    ) -> ChunkPlan:
+        plan = await plan_range(0.0, None, 0, not detect)
         if detect and plan.chunks:
-            plan.language = language or await asyncio.to_thread(
-                self._first_language, job, source, plan
-            )
+            plan.language = await asyncio.to_thread(self._first_language, job, source, plan)
         return plan
 
     async def _plan_range(

@@ -4,6 +4,8 @@ cut), and the farm's transcript stays as accurate as faster-whisper's own pipeli
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from faster_whisper import BatchedInferencePipeline, WhisperModel
@@ -13,8 +15,10 @@ from tests.farm import WorkerProcess, submit, wait_until_finished
 from tests.realspeech import default_cache_dir, excerpt
 from tests.speech import decode, word_error_rate
 from worker.audio import SAMPLE_RATE, read_range
-from worker.chunking import CUT_SEARCH_SECONDS, plan_source, span_cuts
+from worker.chunking import CUT_SEARCH_SECONDS, plan_source, quiet_cuts, span_starts
 from worker.engines import resolve_model
+from worker.engines.faster_whisper import FasterWhisperEngine
+from worker.runner import Worker, WorkerConfig
 from worker.vad import FRAME
 
 SPAN_SECONDS = 120.0  # the smallest the server allows: three spans in six minutes
@@ -41,12 +45,13 @@ def test_a_long_source_is_cut_in_its_pauses_and_each_span_plans_as_the_whole_doe
     long_source,
 ):
     whole = plan_source(long_source, 60, 120)
-    cuts = span_cuts(long_source, SPAN_SECONDS)
+    starts = span_starts(long_source, SPAN_SECONDS)
+    cuts = quiet_cuts(long_source, starts)
     assert len(cuts) == 2
     duration = whole.duration_seconds
-    for k, cut in enumerate(cuts, start=1):
-        nominal = round(k * duration / 3)
-        assert nominal <= cut < nominal + CUT_SEARCH_SECONDS
+    for k, (start, cut) in enumerate(zip(starts, cuts, strict=True), start=1):
+        assert abs(start - k * duration / 3) <= 1
+        assert start <= cut < start + CUT_SEARCH_SECONDS
         assert round(cut * SAMPLE_RATE) % FRAME == 0  # on the speech detection's frames
         # In a pause: no speech the whole source's plan found, and quiet around it.
         assert not any(s < cut < e for chunk in whole.chunks for s, e in chunk.speech)
@@ -116,3 +121,45 @@ def test_the_farm_plans_a_long_file_in_spans_as_accurately_as_the_pipeline(
     ours, theirs = word_error_rate(reference, text), word_error_rate(reference, direct)
     print(f"WER farm in spans {ours:.3f}, direct {theirs:.3f}")
     assert ours <= theirs + 0.01
+
+
+class DetectsLanguages(FasterWhisperEngine):
+    """The bundled English-only model, taken for a multilingual one (none ships offline),
+    so that the worker detects the language once, from the first speech: it answers
+    English, and counts the detections."""
+
+    multilingual = True
+
+    def __init__(self) -> None:
+        super().__init__("tiny.en", cpu_threads=2)
+        self.detections = 0
+
+    def detect_language(self, item):
+        self.detections += 1
+        return "en", 0.99
+
+
+def test_a_language_detected_once_from_the_first_span_reaches_every_spans_chunks(
+    make_server, long_source
+):
+    """With the language to detect first, the first chunk job plans its span, detects
+    the language from its first speech, and only then splits: no span queues a chunk
+    before the language is known."""
+    server = make_server(plan_span_seconds=SPAN_SECONDS)
+    keys = {role: server.create_key(role) for role in ("submit", "worker")}
+    with server.client(keys["submit"]) as client, open(long_source, "rb") as audio:
+        response = submit(client, audio.read(), "long.mp3", model="tiny.en")
+        assert response.status_code == 201, response.text
+        tid = response.json()["id"]
+        engine = DetectsLanguages()
+        config = WorkerConfig(server=server.url, key=keys["worker"], exit_when_idle=2.0)
+        asyncio.run(Worker(config, engine).run())
+        view = wait_until_finished(client, tid, timeout=10)
+        assert view["state"] == "succeeded", view
+    assert engine.detections == 1
+    [row] = server.sql("SELECT detected_language FROM transcriptions WHERE id = $1", tid)
+    assert row["detected_language"] == "en"
+    planners = server.sql(
+        "SELECT count(*) AS n FROM jobs WHERE transcription_id = $1 AND kind = 'chunk'", tid
+    )
+    assert planners[0]["n"] == 3
