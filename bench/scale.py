@@ -27,6 +27,7 @@ from bench.farm import long_speech
 from bench.harness import Farm, media
 from bench.results import TARGETS_HEADER, command_line, header_lines, run, verdict
 from shared.protocol import Segment
+from worker.chunking import plan_source, quiet_cuts, span_starts
 from worker.engines import EngineInput, EngineOutput
 
 SECTION = "## Scale-out: one long file, many workers (bench/scale.py)"
@@ -34,6 +35,7 @@ PROCESSES = 4  # the Workers of a run are spread over this many processes
 TARGET_SECONDS = 3.0  # 1-hour file, 30 workers at 200×: submit → succeeded
 TARGET_FIRST_CLAIM = 0.5  # upload stored → first transcribe job claimed
 TARGET_BUSY = 0.90  # one worker at 200×: engine busy share of its transcribing time
+SPAN_SECONDS = 300.0  # the server's default SCRIBEFARM_PLAN_SPAN_SECONDS
 
 
 class SleepingEngine:
@@ -120,9 +122,37 @@ class LongFile:
 
 
 @dataclass
+class PlanningAlone:
+    """Planning the file in this process with nothing else running: what one worker
+    with a core of its own takes for the whole file, for its cuts, and for each span."""
+
+    whole: float
+    cuts: float
+    spans: list[float]
+
+
+@dataclass
 class Results:
     audio: float
     runs: list[LongFile] = field(default_factory=list)
+    alone: PlanningAlone | None = None
+
+
+def plan_alone(path: Path) -> PlanningAlone:
+    def timed(work) -> tuple[float, object]:
+        began = time.monotonic()
+        result = work()
+        return time.monotonic() - began, result
+
+    source = str(path)
+    whole, _ = timed(lambda: plan_source(source, 60, 120))
+    cuts_seconds, cuts = timed(lambda: quiet_cuts(source, span_starts(source, SPAN_SECONDS)))
+    bounds = [0.0, *cuts, None]
+    spans = [
+        timed(lambda k=k: plan_source(source, 60, 120, start=bounds[k], end=bounds[k + 1]))[0]
+        for k in range(len(bounds) - 1)
+    ]
+    return PlanningAlone(whole, cuts_seconds, spans)
 
 
 TIMINGS_SQL = """
@@ -175,7 +205,10 @@ def one_file(farm: Farm, path: Path, workers: int, speed: float) -> LongFile:
 
 def measure(options: Options, work: Path) -> Results:
     path, _ = long_speech(media(), options.audio_seconds)
-    results = Results(audio=options.audio_seconds)
+    results = Results(audio=options.audio_seconds, alone=plan_alone(path))
+    alone = results.alone
+    log(f"planning alone: whole {alone.whole:.2f} s, cuts {alone.cuts:.2f} s, spans "
+        f"{', '.join(f'{s:.2f}' for s in alone.spans)} s")  # fmt: skip
     farm = Farm(work / "spans").start()
     try:
         for speed in options.speeds:
@@ -238,6 +271,20 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
             f"| {r.workers} | {r.speed:g}× | {planners} | {r.seconds:.2f} | "
             f"{r.first_claim:.2f} | {r.planned:.2f} | {r.chunks} | {r.busy:.0%} |"
         )
+    alone = results.alone
+    if alone is not None:
+        lines += [
+            "",
+            "Planning alone (in the benchmark's process, nothing else running: what a "
+            "worker with a core of its own takes):",
+            "",
+            "| the file planned whole | its cuts found | its spans, each | all planned, "
+            "a core per span (the cuts, then the longest span) |",
+            "|---:|---:|---:|---:|",
+            f"| {alone.whole:.2f} s | {alone.cuts:.2f} s | "
+            f"{min(alone.spans):.2f}–{max(alone.spans):.2f} s ({len(alone.spans)}) | "
+            f"{alone.cuts + max(alone.spans):.2f} s |",
+        ]
     lines += [
         "",
         "How it was measured:",
