@@ -452,6 +452,6 @@ def failure_reason(job: asyncpg.Record, error: str) -> str:
     if job["kind"] == "chunk":
         return error
     return (
-        f"chunk {job['seq'] - 1} ({job['start_seconds']:.1f}-{job['end_seconds']:.1f} s) "
+        f"the chunk at {job['start_seconds']:.1f}-{job['end_seconds']:.1f} s "
         f"failed after {job['attempts']} attempt(s): {error}"
     )

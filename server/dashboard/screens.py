@@ -90,15 +90,16 @@ async def load_transcription(
         raise ApiError(404, "not_found", "no such transcription") from exc
     board = server_state(request).board
     row = await board.reads.transcription(transcription_id, viewer.owner_filter)
-    planning, chunks = views.chunk_views(row)
+    planners, chunks = views.chunk_views(row)
     return {
         "here": f"/transcriptions/{transcription_id}",
         "t": views.TranscriptionView(row),
-        "planning": planning,
+        "planning": planners[0] if planners else None,
+        "spans": len(planners),
         "chunks": chunks,
         "marks": views.time_marks(row["duration_seconds"]),
         "segments": await transcript_segments(board, row, memo),
-        "failed": [c for c in (planning, *chunks) if c and c.job["state"] == "dead"],
+        "failed": [c for c in (*planners, *chunks) if c.job["state"] == "dead"],
     }
 
 

@@ -135,6 +135,7 @@ class ChunkView:
 
     job: dict[str, Any]
     duration: float | None
+    index: int = 0  # a transcribe job's place in the audio (its chunk's number)
 
     @property
     def state(self) -> str:
@@ -146,16 +147,12 @@ class ChunkView:
         return job["state"]
 
     @property
-    def index(self) -> int:
-        return self.job["seq"] - 1
-
-    @property
     def what(self) -> str:
-        return (
-            "cutting into chunks"
-            if self.job["kind"] == "chunk"
-            else f"chunk {self.index} ({self.span})"
-        )
+        if self.job["kind"] == "transcribe":
+            return f"chunk {self.index} ({self.span})"
+        if self.job["seq"] < 0:
+            return f"planning span {-self.job['seq']} (from {clock(self.job['start_seconds'])})"
+        return "cutting into chunks"
 
     @property
     def span(self) -> str:
@@ -204,11 +201,15 @@ class ChunkView:
         return f"{text}. {self.note}" if self.note else text
 
 
-def chunk_views(row: Any) -> tuple[ChunkView | None, list[ChunkView]]:
-    """The planning (chunk) job, and the transcribe jobs in audio order."""
-    views = [ChunkView(job, row["duration_seconds"]) for job in row["jobs"]]
-    planning = next((v for v in views if v.job["kind"] == "chunk"), None)
-    return planning, [v for v in views if v.job["kind"] == "transcribe"]
+def chunk_views(row: Any) -> tuple[list[ChunkView], list[ChunkView]]:
+    """The planning (chunk) jobs, the source's first one first (a long source has one
+    more per span), and the transcribe jobs numbered in audio order (jobs come in
+    `seq` order: spans' chunks are numbered far apart, in audio order too)."""
+    duration = row["duration_seconds"]
+    planners = [ChunkView(j, duration) for j in row["jobs"] if j["kind"] == "chunk"]
+    planners.sort(key=lambda view: -view.job["seq"])
+    transcribe = [j for j in row["jobs"] if j["kind"] == "transcribe"]
+    return planners, [ChunkView(job, duration, i) for i, job in enumerate(transcribe)]
 
 
 def live_segments(chunks: list[Any]) -> list[dict[str, Any]]:

@@ -205,7 +205,7 @@ def test_a_dead_transcribe_job_fails_the_transcription_and_cancels_the_rest(
     worker.fail(jobs[1], "model crashed", permanent=True)
     view = submitter.get(f"/v1/transcriptions/{tid}").json()
     assert view["state"] == "failed"
-    assert view["error"].startswith("chunk 1 (10.0-20.0 s) failed after 1 attempt(s)")
+    assert view["error"].startswith("the chunk at 10.0-20.0 s failed after 1 attempt(s)")
     assert [r["state"] for r in job_rows(server, tid)] == [
         "succeeded",
         "canceled",

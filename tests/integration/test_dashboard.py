@@ -167,6 +167,21 @@ def test_requeue_of_a_dead_job_retries_its_transcription(make_server):
         worker.close()
 
 
+def test_a_long_source_planned_in_spans_shows_its_spans_and_a_dead_spans_planner(server, keys):
+    with server.client(keys["submit"]) as client:
+        tid = submit(client, b"long audio").json()["id"]
+    worker = ProtocolWorker(server, keys["worker"], "span-planner")
+    [first] = worker.claim()
+    body = {"lease_id": first["lease_id"], "cuts": [300.0, 600.0]}
+    assert worker.http.post(f"/v1/jobs/{first['id']}/split", json=body).status_code == 200
+    [span] = worker.claim()
+    worker.fail(span, "the span could not be read", permanent=True)
+    page = signed_in(server, keys["submit"]).http.get(f"/transcriptions/{tid}").text
+    assert "into 3 spans by <strong>span-planner</strong>" in page
+    assert "Planning span" in page  # the dead planner, among the failed jobs
+    worker.close()
+
+
 def test_one_session_may_hold_only_a_few_live_streams(server, keys):
     """Each live stream runs its page's query every tick (issue 13)."""
     browser = signed_in(server, keys["submit"])
