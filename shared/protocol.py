@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
@@ -142,6 +142,23 @@ class ChunkSpan(BaseModel):
     )
 
 
+class ChunkTranscript(Strict):
+    """What a transcribe job returns: segments with absolute times."""
+
+    kind: Literal["transcribe"] = "transcribe"
+    segments: list[Segment]
+    language: str | None = None
+    language_probability: float | None = None
+    audio_seconds: float = Field(ge=0)
+    processing_seconds: float = Field(ge=0)
+    cache_key: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Hash of the chunk's decoded audio, model and decoding options.",
+    )
+    cached: bool = Field(default=False, description="Reused from the cache: no model ran.")
+
+
 class ChunkPlan(Strict):
     """What a chunk job returns: the source's exact duration and its cut points."""
 
@@ -154,6 +171,17 @@ class ChunkPlan(Strict):
         description="Detected once from the first speech, for every chunk (multilingual "
         "models, when no language was given).",
     )
+    transcript: ChunkTranscript | None = Field(
+        default=None,
+        description="A short source's one chunk, transcribed by its chunk job from the audio "
+        "it planned (one job, one decode): no transcribe job is queued for it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_chunk_transcribed(self) -> ChunkPlan:
+        if self.transcript is not None and len(self.chunks) != 1:
+            raise ValueError("a plan carries a transcript only for its one chunk")
+        return self
 
 
 # A long source is planned in spans, a chunk job each, at once (SplitRequest): span k
@@ -201,23 +229,6 @@ class SettledChunks(Strict):
 
     lease_id: UUID
     chunks: list[ChunkSpan] = Field(min_length=1, max_length=10_000)
-
-
-class ChunkTranscript(Strict):
-    """What a transcribe job returns: segments with absolute times."""
-
-    kind: Literal["transcribe"] = "transcribe"
-    segments: list[Segment]
-    language: str | None = None
-    language_probability: float | None = None
-    audio_seconds: float = Field(ge=0)
-    processing_seconds: float = Field(ge=0)
-    cache_key: str | None = Field(
-        default=None,
-        max_length=128,
-        description="Hash of the chunk's decoded audio, model and decoding options.",
-    )
-    cached: bool = Field(default=False, description="Reused from the cache: no model ran.")
 
 
 JobResult = Annotated[ChunkPlan | ChunkTranscript, Field(discriminator="kind")]

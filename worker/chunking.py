@@ -155,9 +155,13 @@ def plan_source(
     max_audio_seconds: float = math.inf,
     deadline: float = math.inf,
     on_settled: Callable[[list[ChunkSpan]], None] | None = None,
+    keep: list[np.ndarray] | None = None,
 ) -> ChunkPlan:
     """Decode the source's [start, end) (streamed; by default all of it), find its
     speech and plan its chunks, on the source's timeline, numbered from ``first_index``.
+
+    ``keep`` collects the decoded audio of a source no longer than ``max_seconds`` (a
+    short source, transcribed by the job that plans it); it is left empty otherwise.
 
     ``on_settled`` receives chunks as soon as they are settled, each once, in order;
     the plan returned holds them all. Settling is looked for each time the audio read
@@ -177,6 +181,11 @@ def plan_source(
     next_look = 2 * target_seconds * SAMPLE_RATE
     for block in stream_audio(source, start, end):
         probabilities.feed(block)
+        if keep is not None:
+            keep.append(block)
+            if probabilities.samples > max_seconds * SAMPLE_RATE:  # not a short source
+                keep.clear()
+                keep = None
         if on_settled is not None and probabilities.samples >= next_look:
             next_look = 2 * probabilities.samples
             now = settled_chunks(

@@ -106,6 +106,8 @@ class Worker:
         self.held: dict[str, ClaimedJob] = {}
         # Transcribe results not sent yet: they go with the next claim (or at exit).
         self.finished: Finished = []
+        # Short sources' plans, by chunk job: completed with the transcript of their chunk.
+        self.short_plans: dict[str, ChunkPlan] = {}
         self.lost: set[str] = set()
         self.jobs_done = 0
         self.stopping = False
@@ -205,31 +207,51 @@ class Worker:
 
     async def prepare(self, jobs: list[ClaimedJob]) -> list[Input]:
         """Chunk jobs first (they unblock whole files), then the rest read for one batch
-        through the engine; chunks found in the cache are done."""
+        through the engine, with the short sources the chunk jobs decoded; chunks found
+        in the cache are done."""
+        inputs = []
         for job in jobs:
             if job.kind == "chunk":
-                await self._chunk(job)
+                inputs += await self._chunk(job)
         batch = [job for job in jobs if job.kind == "transcribe"]
-        return await self._read(batch) if batch else []
+        inputs += await self._read(batch) if batch else []
+        return await self._uncached(inputs)
 
-    async def _chunk(self, job: ClaimedJob) -> None:
+    async def _chunk(self, job: ClaimedJob) -> list[Input]:
+        """Plans the job's source; a short one (one chunk) it keeps, to transcribe in
+        this batch, and completes the job with its transcript: one job, one decode."""
+        kept: list[np.ndarray] = []
         try:
-            plan = await self._plan(job, await self._source(job))
+            plan = await self._plan(job, await self._source(job), kept)
         except LeaseLost as exc:  # reported while planning: the job is someone else's now
             self.held.pop(str(job.id), None)
             self.lost.discard(str(job.id))
             log.info("stopped planning job %s: %s", job.id, exc)
-            return
+            return []
         except MediaError as exc:
             await self._fail(job, exc.reason, exc.permanent)
-            return
+            return []
         except Exception as exc:  # a bug or a resource problem: another try may succeed
             log.exception("chunking job %s failed", job.id)
             await self._fail(job, f"chunking failed: {exc}", permanent=False)
-            return
+            return []
+        if kept and len(plan.chunks) == 1:
+            return [self._short_source(job, plan, np.concatenate(kept))]
         await self._finish([(job, plan)])
+        return []
 
-    async def _plan(self, job: ClaimedJob, source: str) -> ChunkPlan:
+    def _short_source(self, job: ClaimedJob, plan: ChunkPlan, audio: np.ndarray) -> Input:
+        """The engine input of a short source's one chunk, from the audio planned: the
+        chunk job stands in for its transcribe job, and completes with the plan."""
+        chunk = plan.chunks[0]
+        options = job.options.model_copy(update={"language": plan.language or job.options.language})
+        standing_in = job.model_copy(update={"chunk": chunk, "options": options})
+        self.short_plans[str(job.id)] = plan
+        first, last = seconds_to_samples(chunk.start), seconds_to_samples(chunk.end)
+        item = self._engine_input(standing_in, audio[first:last], chunk)
+        return standing_in, item, cache_key(item, self.engine)
+
+    async def _plan(self, job: ClaimedJob, source: str, kept: list[np.ndarray]) -> ChunkPlan:
         """The plan of the job's span; or a long source's first job splits the source
         into spans, queues the others' chunk jobs and plans the first; or the whole
         source's. Chunks are queued as they settle, unless the language must be detected
@@ -246,7 +268,7 @@ class Worker:
             starts = await asyncio.to_thread(span_starts, source, job.plan_span_seconds, limit)
         cuts = await asyncio.to_thread(quiet_cuts, source, starts[:1])
         if not cuts:
-            return await self._plan_whole(job, source, plan_range, detect)
+            return await self._plan_whole(job, source, plan_range, detect, kept)
         # The first span is planned while the other cuts are found and split off.
         first = asyncio.create_task(plan_range(0.0, cuts[0], 0, not detect))
         try:
@@ -254,7 +276,7 @@ class Worker:
             language = None
             if detect:
                 if not (await first).chunks:  # no speech to detect the language from
-                    return await self._plan_whole(job, source, plan_range, detect)
+                    return await self._plan_whole(job, source, plan_range, detect, [])
                 language = await asyncio.to_thread(self._first_language, job, source, await first)
             spans = await self.client.split(job, cuts, language)
         except BaseException:
@@ -271,8 +293,9 @@ class Worker:
         source: str,
         plan_range: Callable[..., Awaitable[ChunkPlan]],
         detect: bool,
+        kept: list[np.ndarray],
     ) -> ChunkPlan:
-        plan = await plan_range(0.0, None, 0, not detect)
+        plan = await plan_range(0.0, None, 0, not detect, kept)
         if detect and plan.chunks:
             plan.language = await asyncio.to_thread(self._first_language, job, source, plan)
         return plan
@@ -286,6 +309,7 @@ class Worker:
         end: float | None,
         first_index: int,
         settle: bool,
+        keep: list[np.ndarray] | None = None,
     ) -> ChunkPlan:
         return await asyncio.to_thread(
             plan_source,
@@ -298,6 +322,7 @@ class Worker:
             max_audio_seconds=job.max_audio_seconds or math.inf,
             deadline=deadline,
             on_settled=self._settler(job) if settle else None,
+            keep=keep,
         )
 
     def _settler(self, job: ClaimedJob) -> Callable[[list[ChunkSpan]], None]:
@@ -350,6 +375,10 @@ class Worker:
             if samples is not None:
                 item = self._engine_input(job, samples, job.chunk)
                 inputs.append((job, item, cache_key(item, self.engine)))
+        return inputs
+
+    async def _uncached(self, inputs: list[Input]) -> list[Input]:
+        """The inputs the cache does not know; those it knows are done."""
         cached = await self._cached([key for _, _, key in inputs], [j.id for j, _, _ in inputs])
         self._defer(
             [(job, reuse(job, cached[key], key)) for job, _, key in inputs if key in cached]
@@ -447,9 +476,14 @@ class Worker:
         await self._send(self._take_finished())
 
     def _defer(self, finished: list[tuple[ClaimedJob, ChunkTranscript]]) -> None:
-        """A batch's transcripts go with the next claim: one round trip per batch."""
+        """A batch's transcripts go with the next claim: one round trip per batch. A
+        short source's chunk job completes with its plan, carrying the transcript."""
         self.jobs_done += len(finished)
-        self.finished += finished
+        for job, transcript in finished:
+            plan = self.short_plans.pop(str(job.id), None)
+            if plan is not None:
+                transcript = plan.model_copy(update={"transcript": transcript})
+            self.finished.append((job, transcript))
 
     def _take_finished(self) -> Finished:
         """What is to be sent, no longer held (heartbeats stop); lost leases' work dropped."""
@@ -487,6 +521,7 @@ class Worker:
     def _forget(self, job: ClaimedJob) -> None:
         self.held.pop(str(job.id), None)
         self.lost.discard(str(job.id))
+        self.short_plans.pop(str(job.id), None)
 
     async def _heartbeat_loop(self, every_seconds: float) -> None:
         while True:

@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from server import transcripts
+from server.board import cache
 from server.board.locks import notify_jobs
 from server.board.transcriptions import Transcriptions
 from server.settings import Settings
@@ -70,6 +71,33 @@ FROM (
 WHERE t.id = $1 AND t.state = 'running'
 RETURNING t.jobs_done >= t.jobs_total AS all_done, t.duration_seconds
 """
+
+# A short source's one chunk, transcribed by its chunk job ($3): its transcribe job is
+# done on arrival, credited to that job's worker, and counted as any completion is
+# (COMPLETE_TRANSCRIBE), under the transcription's lock the plan's completion holds.
+# ix_jobs_transcription, then primary key lookups. Returns the owner (for the cache).
+DONE_BY_PLANNER = """
+WITH planner AS (
+    SELECT worker_id, leased_at FROM jobs WHERE id = $3
+), done AS (
+    UPDATE jobs SET state = 'succeeded', result = $4, finished_at = now(), attempts = 1,
+                    worker_id = (SELECT worker_id FROM planner),
+                    leased_at = (SELECT leased_at FROM planner)
+    WHERE transcription_id = $1 AND seq = $2 AND state = 'queued'
+    RETURNING worker_id
+), stats AS (
+    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $5,
+                       busy_seconds = busy_seconds + $6
+    WHERE id = (SELECT worker_id FROM done) AND NOT $7
+)
+UPDATE transcriptions
+SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $5
+WHERE id = $1 AND EXISTS (SELECT 1 FROM done)
+RETURNING api_key_id
+"""
+
+# Primary key lookup: a source found too long keeps the length found, to show why.
+RECORD_DURATION = "UPDATE transcriptions SET duration_seconds = $2 WHERE id = $1"
 
 # Fan-out of the planning itself: a chunk job for each further span of a long source
 # (span k is seq -k), queued once: a retried first chunk job gets the spans of the first
@@ -155,18 +183,24 @@ class FanOut:
             await conn.execute(SPLIT_LANGUAGE, transcription_id, language)
         return [dict(row) for row in await conn.fetch(SPANS, transcription_id)]
 
-    async def planned(self, conn: asyncpg.Connection, transcription_id: UUID, plan: ChunkPlan):
+    async def planned(
+        self, conn: asyncpg.Connection, transcription_id: UUID, job_id: UUID, plan: ChunkPlan
+    ):
         """A chunk job's plan (of the whole source, or of one span): its chunks are
-        queued, and once every span is planned the transcription has its duration."""
+        queued (a short source's one chunk done already, when the job transcribed it),
+        and once every span is planned the transcription has its duration."""
         limit = self.settings.max_audio_seconds
         if plan.duration_seconds > limit:
             reason = (
                 f"the audio is {plan.duration_seconds / 3600:.2f} h long; the limit is "
                 f"{limit / 3600:.2f} h (SCRIBEFARM_MAX_AUDIO_SECONDS). Split the recording."
             )
+            await conn.execute(RECORD_DURATION, transcription_id, plan.duration_seconds)
             await self.transcriptions.fail(conn, transcription_id, reason)
             return
-        added = await self._insert(conn, transcription_id, plan.chunks)
+        added = await self._insert(conn, transcription_id, plan.chunks, plan.transcript is None)
+        if plan.transcript is not None:
+            await self._done_by_planner(conn, transcription_id, job_id, plan)
         await conn.execute(PLANNED, transcription_id, added, plan.language)
         complete = await conn.fetchrow(PLAN_COMPLETE, transcription_id)
         # A plan of no chunks is an empty transcript, done now.
@@ -195,10 +229,32 @@ class FanOut:
             self.jobs_added = 0
             await self.pool.execute("ANALYZE jobs")
 
+    async def _done_by_planner(
+        self, conn: asyncpg.Connection, transcription_id: UUID, job_id: UUID, plan: ChunkPlan
+    ) -> None:
+        result, chunk = plan.transcript, plan.chunks[0]
+        owner = await conn.fetchval(
+            DONE_BY_PLANNER,
+            transcription_id,
+            chunk.index + 1,
+            job_id,
+            result.model_dump(mode="json"),
+            result.audio_seconds,
+            result.processing_seconds,
+            result.cached,
+        )
+        if owner is not None and result.cache_key and not result.cached:
+            await cache.store(conn, owner, chunk.start, result)
+
     async def _insert(
-        self, conn: asyncpg.Connection, transcription_id: UUID, chunks: list[ChunkSpan]
+        self,
+        conn: asyncpg.Connection,
+        transcription_id: UUID,
+        chunks: list[ChunkSpan],
+        notify: bool = True,
     ) -> int:
-        """Queues a transcribe job per chunk not queued yet; returns how many were new."""
+        """Queues a transcribe job per chunk not queued yet; returns how many were new.
+        Workers are told, unless the jobs are done before anyone could claim them."""
         added = await conn.fetchval(
             INSERT_TRANSCRIBE_JOBS,
             transcription_id,
@@ -209,7 +265,7 @@ class FanOut:
             self.settings.max_attempts,
         )
         self.jobs_added += added
-        if added:
+        if added and notify:
             await notify_jobs(conn, added)
         return added
 

@@ -316,7 +316,7 @@ class Queue:
                 return await repeated_completion(conn, job_id, lease_id, plan.kind)
             if job["kind"] != plan.kind:
                 raise wrong_kind(job_id, job["kind"])
-            await self.fanout.planned(conn, job["transcription_id"], plan)
+            await self.fanout.planned(conn, job["transcription_id"], job_id, plan)
         return job["lease_seconds"]
 
     async def _complete_transcript(self, job_id: UUID, lease_id: UUID, result: ChunkTranscript):

@@ -342,6 +342,32 @@ def test_idle_workers_split_the_last_jobs_of_a_file(server, keys, submitter, wor
     other.close()
 
 
+def test_a_short_sources_chunk_job_transcribes_its_one_chunk_itself(server, submitter, worker):
+    """leased chunk job → succeeded with its plan and its one chunk's transcript: the
+    transcribe job is done on arrival (never queued for a claim), credited to the chunk
+    job's worker, and the transcription merged at once."""
+    tid = submit(submitter, b"short audio").json()["id"]
+    [job] = worker.claim()
+    plan = chunk_plan(1)
+    plan["transcript"] = chunk_transcript({"chunk": plan["chunks"][0]}, "said at once")
+    two = {**chunk_plan(2), "transcript": plan["transcript"]}
+    refused = worker.complete(job, two)
+    assert refused.status_code == 422  # a transcript only for a plan's one chunk
+    assert worker.complete(job, plan).status_code == 200
+    view = submitter.get(f"/v1/transcriptions/{tid}").json()
+    assert view["state"] == "succeeded", view
+    assert view["progress"]["jobs_done"] == view["progress"]["jobs_total"] == 1
+    text = submitter.get(f"/v1/transcriptions/{tid}/transcript?format=txt").text
+    assert text.strip() == "said at once"
+    chunk_job, transcribe = job_rows(server, tid)
+    assert transcribe["state"] == "succeeded" and transcribe["attempts"] == 1
+    assert transcribe["worker_id"] == chunk_job["worker_id"] == uuid.UUID(worker.id)
+    assert transcribe["leased_at"] == chunk_job["leased_at"]
+    [stats] = server.sql("SELECT jobs_done, audio_seconds FROM workers WHERE id = $1", worker.id)
+    assert stats == {"jobs_done": 1, "audio_seconds": 10.0}
+    assert worker.claim() == []
+
+
 def split(worker, job, cuts: list[float], language: str | None = None) -> httpx.Response:
     body = {"lease_id": job["lease_id"], "cuts": cuts, "language": language}
     return worker.http.post(f"/v1/jobs/{job['id']}/split", json=body)

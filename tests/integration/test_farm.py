@@ -281,6 +281,9 @@ def test_exit_when_idle_and_max_jobs_end_the_worker_with_status_zero(make_server
         tid = submit(client, path.read_bytes(), path.name).json()["id"]
         once = WorkerProcess(server, keys["worker"], "once", ("--max-jobs", "1")).start()
         assert once.wait(120) == 0
-        # It cut the file (one job) and left the transcription's chunks to others.
-        assert client.get(f"/v1/transcriptions/{tid}").json()["state"] == "running"
+        # A short file is one job: its chunk job planned it and transcribed its one chunk.
+        assert client.get(f"/v1/transcriptions/{tid}").json()["state"] == "succeeded"
     assert "stopped after 1 job(s)" in once.log
+    rows = server.sql("SELECT kind, worker_id, attempts FROM jobs WHERE transcription_id = $1", tid)
+    assert sorted(r["kind"] for r in rows) == ["chunk", "transcribe"]
+    assert len({r["worker_id"] for r in rows}) == 1 and {r["attempts"] for r in rows} == {1}

@@ -45,6 +45,8 @@ STATEMENTS = [
     (fanout, "INSERT_SPAN_JOBS", "transcriptions_pkey"),
     (fanout, "SPANS", "ix_jobs_transcription"),
     (fanout, "SPLIT_LANGUAGE", "transcriptions_pkey"),
+    (fanout, "DONE_BY_PLANNER", "ix_jobs_transcription"),
+    (fanout, "RECORD_DURATION", "transcriptions_pkey"),
     (fanout, "MERGEABLE", "transcriptions_pkey"),
     (fanout, "UNMERGED", "ix_transcriptions_active"),
     (fanout, "CHUNK_RESULTS", "ix_jobs_transcription"),
