@@ -31,12 +31,13 @@ class Phases:
     window: float  # first submission → last transcription finished
     upload: float  # submission start → the row exists (median per transcription)
     to_chunk_claim: float  # row created → chunk job claimed (median)
-    chunking: float  # chunk job claimed → plan stored (median; after the claim's other plans)
-    to_first_transcribe: float  # plan stored → first transcribe job claimed (median)
+    chunking: float  # chunk job claimed → plan stored (median of files in two hops)
+    to_first_transcribe: float  # plan stored → first transcribe job claimed (the same)
     merge: float  # last transcribe job done → transcription finished (median)
     workers: list[WorkerTimes]
     batch_sizes: list[int]  # transcribe jobs per claimed batch
     overhead: float  # busy − engine, all workers: planning, ffmpeg reads, HTTP, cache
+    one_hop: int = 0  # files whose chunk job transcribed their one chunk itself
 
     @property
     def tail(self) -> float:
@@ -77,9 +78,10 @@ def phases(server: Server, submitted: dict[str, float]) -> Phases:
         window=max(float(r["finished"]) for r in rows.values()) - min(submitted.values()),
         upload=statistics.median(float(rows[t]["created"]) - submitted[t] for t in ids),
         to_chunk_claim=statistics.median(p[0] for p in per),
-        chunking=statistics.median(p[1] for p in per),
-        to_first_transcribe=statistics.median(p[2] for p in per),
+        chunking=_median(p[1] for p in per),
+        to_first_transcribe=_median(p[2] for p in per),
         merge=statistics.median(p[3] for p in per),
+        one_hop=sum(p[1] is None for p in per),
         workers=workers,
         batch_sizes=sizes,
         # Not less planning: a worker reading ahead plans while its model runs.
@@ -87,15 +89,29 @@ def phases(server: Server, submitted: dict[str, float]) -> Phases:
     )
 
 
-def _transcription_phases(row: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[float, ...]:
-    chunk = next(j for j in jobs if j["kind"] == "chunk")
-    transcribe = [j for j in jobs if j["kind"] == "transcribe"] or [chunk]
+def _transcription_phases(
+    row: dict[str, Any], jobs: list[dict[str, Any]]
+) -> tuple[float, float | None, float | None, float]:
+    """Row → chunk job claimed, → planned (every span), → first transcribe claim (None,
+    None for a file in one hop: its planning and its model share the chunk job's lease),
+    last chunk → merged."""
+    planners = [j for j in jobs if j["kind"] == "chunk"]
+    claimed = min(float(j["leased"]) for j in planners)
+    planned = max(float(j["finished"]) for j in planners)
+    transcribe = [j for j in jobs if j["kind"] == "transcribe"] or planners
+    first = min(float(j["leased"]) for j in transcribe)
+    one_hop = first == claimed and transcribe is not planners
     return (
-        float(chunk["leased"]) - float(row["created"]),
-        float(chunk["finished"]) - float(chunk["leased"]),
-        min(float(j["leased"]) for j in transcribe) - float(chunk["finished"]),
+        claimed - float(row["created"]),
+        None if one_hop else planned - claimed,
+        None if one_hop else first - planned,
         float(row["finished"]) - max(float(j["finished"]) for j in transcribe),
     )
+
+
+def _median(values) -> float:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else 0.0
 
 
 def _worker_times(jobs: list[dict[str, Any]]) -> tuple[list[WorkerTimes], list[int]]:
@@ -113,7 +129,13 @@ def _worker_times(jobs: list[dict[str, Any]]) -> tuple[list[WorkerTimes], list[i
         held[name].append((leased, finished))
         w.last_finish = max(w.last_finish, finished)
         # A claim's chunk jobs run first, one after another: planning ends with the last.
-        if planned := [float(j["finished"]) for j in batch if j["kind"] == "chunk"]:
+        # A short source's chunk job completes after the model ran its one chunk, in
+        # this batch (its transcribe job shares the lease time): not planning alone.
+        one_hop = {j["tid"] for j in batch if j["kind"] == "transcribe"}
+        planned = [
+            float(j["finished"]) for j in batch if j["kind"] == "chunk" and j["tid"] not in one_hop
+        ]
+        if planned:
             w.chunking += max(planned) - leased
         for job in batch:
             if job["kind"] == "transcribe":
@@ -143,7 +165,8 @@ def phase_lines(p: Phases, start: float | None = None) -> list[str]:
         f"- window {p.window:.2f} s; upload {p.upload:.2f} s, row → chunk job claimed "
         f"{p.to_chunk_claim:.2f} s, chunk job claimed → planned {p.chunking:.2f} s, plan → "
         f"first transcribe claim {p.to_first_transcribe:.2f} s, last chunk → merged "
-        f"{p.merge * 1000:.0f} ms (medians per transcription)",
+        f"{p.merge * 1000:.0f} ms (medians per transcription; planning times over the "
+        f"files in two hops: {p.one_hop} were short, planned and transcribed in one job)",
         f"- transcribe batches: {len(p.batch_sizes)}, jobs per batch "
         f"{_spread(p.batch_sizes)}; worker time holding work outside the model (planning, "
         f"ffmpeg range reads, cache lookups, HTTP) {p.overhead:.2f} s in all",
