@@ -170,7 +170,11 @@ class FanOut:
         await conn.execute(SETTLED, transcription_id, added)
 
     async def split(
-        self, conn: asyncpg.Connection, transcription_id: UUID, cuts: list[float], language
+        self,
+        conn: asyncpg.Connection,
+        transcription_id: UUID,
+        cuts: list[float],
+        language: str | None,
     ) -> list[dict]:
         """Queues a chunk job per further span (once); returns the spans queued."""
         ends = [*cuts[1:], None]
