@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,19 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def two_workers(server: Server, key: str, name: str) -> Iterator[list[WorkerProcess]]:
+    """Two real workers of one thread each (this machine's two cores), stopped after."""
+    workers = [
+        WorkerProcess(server, key, f"{name}-{i}", ("--threads", "1")).start() for i in range(2)
+    ]
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def wait_until_finished(client: httpx.Client, tid: str, timeout: float = 300) -> dict[str, Any]:

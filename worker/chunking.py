@@ -17,12 +17,14 @@ detection, the window packing and the chunk runs all go left to right, so a chun
 later audio can no longer change is settled, and identical to the same chunk of the
 whole plan. Transcription of a long file starts within a second of planning's start.
 
-A long source is planned in spans, at once, by several chunk jobs (`span_starts`, `quiet_cuts`): its
-first chunk job cuts it at the quietest stretch near every few minutes, and each span
-is planned as if it were a source of its own, its voice activity detection starting
-afresh at its cut. So a window never crosses a cut, and the windows near a cut may
-differ from the single pass's (a few windows an hour); everywhere else they are the
-same. Planning an hour then takes the time of one span, not of the hour.
+A long source is planned in spans, at once, by several chunk jobs: its first chunk job
+cuts it at the quietest stretch near every few minutes (`span_starts`, `quiet_cuts`),
+and each span is planned as if it were a source of its own, its voice activity
+detection starting afresh at its cut. So a window never crosses a cut, and the windows
+near a cut may differ from the single pass's; elsewhere nearly all are the same (the
+detection's recurrent state mostly converges back, not always to the frame: 151 of 169
+speech spans identical on 12 minutes of real speech in 3-minute spans). Planning an
+hour then takes the time of one span, not of the hour.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ alive, and complete, fail or release them; a job whose last lease expired is dea
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from datetime import datetime
 from typing import Any
@@ -347,11 +348,7 @@ class Queue:
                 f"a chunk ends at {chunks[-1].end:.0f} s; the limit is {limit:.0f} s "
                 "(SCRIBEFARM_MAX_AUDIO_SECONDS)",
             )
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
-            job = await conn.fetchrow(PLANNING, job_id, lease_id)
-            if job is None:
-                await raise_fenced(conn, job_id, lease_id)
+        async with self._planning(job_id, lease_id) as (conn, job):
             if job["kind"] != "chunk":
                 raise wrong_kind(job_id, job["kind"])
             await self.fanout.settled(conn, job["transcription_id"], chunks)
@@ -369,14 +366,21 @@ class Queue:
                 f"cuts must increase from above 0 s to below {limit:.0f} s "
                 "(SCRIBEFARM_MAX_AUDIO_SECONDS)",
             )
+        async with self._planning(job_id, lease_id) as (conn, job):
+            if job["kind"] != "chunk" or job["seq"] != 0:
+                raise Invalid("not_splittable", f"job {job_id} is not a source's first chunk job")
+            return await self.fanout.split(conn, job["transcription_id"], cuts, language)
+
+    @contextlib.asynccontextmanager
+    async def _planning(self, job_id: UUID, lease_id: UUID):
+        """A transaction under the job's transcription's lock, the job fenced on its
+        lease: what a chunk job reports while it plans."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_TRANSCRIPTION_OF_JOB, job_id)
             job = await conn.fetchrow(PLANNING, job_id, lease_id)
             if job is None:
                 await raise_fenced(conn, job_id, lease_id)
-            if job["kind"] != "chunk" or job["seq"] != 0:
-                raise Invalid("not_splittable", f"job {job_id} is not a source's first chunk job")
-            return await self.fanout.split(conn, job["transcription_id"], cuts, language)
+            yield conn, job
 
     async def fail(self, job_id: UUID, lease_id: UUID, error: str, permanent: bool):
         async with self.pool.acquire() as conn, conn.transaction():

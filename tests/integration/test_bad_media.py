@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.farm import Server, WorkerProcess, submit
+from tests.farm import Server, submit, two_workers
 from tests.speech import PARAGRAPHS, MediaFactory, decode, normalise_text, word_error_rate
 from worker.audio import ffmpeg_binary
 
@@ -173,13 +173,8 @@ def farm(make_server: Callable[..., Server]):
     # A quick retry: were anything retried, the test would see it soon (attempts > 1).
     server = make_server(retry_base_seconds=0.5)
     keys = {role: server.create_key(role) for role in ("submit", "worker")}
-    workers = [
-        WorkerProcess(server, keys["worker"], f"bad-media-{i}", ("--threads", "1")).start()
-        for i in range(2)
-    ]
-    yield server, keys, workers
-    for worker in workers:
-        worker.stop()
+    with two_workers(server, keys["worker"], "bad-media") as workers:
+        yield server, keys, workers
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import srt
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-from tests.farm import WorkerProcess, submit, wait_until_finished
+from tests.farm import submit, two_workers, wait_until_finished
 from tests.realspeech import default_cache_dir, excerpt
 from tests.scoring import TimedText, score
 from worker.engines import resolve_model
@@ -24,21 +24,13 @@ def recording():
 def farm_result(make_server, recording):
     server = make_server()
     keys = {role: server.create_key(role) for role in ("submit", "worker")}
-    workers = [
-        WorkerProcess(server, keys["worker"], f"fidelity-{i}", ("--threads", "1")).start()
-        for i in range(2)
-    ]
-    try:
-        with server.client(keys["submit"]) as client:
-            response = submit(client, recording.audio.read_bytes(), recording.audio.name)
-            assert response.status_code == 201, response.text
-            view = wait_until_finished(client, response.json()["id"])
-            assert view["state"] == "succeeded", view
-            url = f"/v1/transcriptions/{view['id']}/transcript"
-            yield view, client.get(url).json(), client.get(url, params={"format": "srt"}).text
-    finally:
-        for worker in workers:
-            worker.stop()
+    with two_workers(server, keys["worker"], "fidelity"), server.client(keys["submit"]) as client:
+        response = submit(client, recording.audio.read_bytes(), recording.audio.name)
+        assert response.status_code == 201, response.text
+        view = wait_until_finished(client, response.json()["id"])
+        assert view["state"] == "succeeded", view
+        url = f"/v1/transcriptions/{view['id']}/transcript"
+        yield view, client.get(url).json(), client.get(url, params={"format": "srt"}).text
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from shared.protocol import SPAN_STRIDE
-from tests.farm import WorkerProcess, submit, wait_until_finished
+from tests.farm import submit, two_workers, wait_until_finished
 from tests.realspeech import default_cache_dir, excerpt
 from tests.speech import decode, word_error_rate
 from worker.audio import SAMPLE_RATE, read_range
@@ -91,21 +91,13 @@ def test_the_farm_plans_a_long_file_in_spans_as_accurately_as_the_pipeline(
 ):
     server = make_server(plan_span_seconds=SPAN_SECONDS)
     keys = {role: server.create_key(role) for role in ("submit", "worker")}
-    workers = [
-        WorkerProcess(server, keys["worker"], f"spans-{i}", ("--threads", "1")).start()
-        for i in range(2)
-    ]
-    try:
-        with server.client(keys["submit"]) as client:
-            with open(long_source, "rb") as audio:
-                response = submit(client, audio.read(), "long.mp3")
-            assert response.status_code == 201, response.text
-            view = wait_until_finished(client, response.json()["id"])
-            assert view["state"] == "succeeded", view
-            text = client.get(f"/v1/transcriptions/{view['id']}/transcript?format=txt").text
-    finally:
-        for worker in workers:
-            worker.stop()
+    with two_workers(server, keys["worker"], "spans"), server.client(keys["submit"]) as client:
+        with open(long_source, "rb") as audio:
+            response = submit(client, audio.read(), "long.mp3")
+        assert response.status_code == 201, response.text
+        view = wait_until_finished(client, response.json()["id"])
+        assert view["state"] == "succeeded", view
+        text = client.get(f"/v1/transcriptions/{view['id']}/transcript?format=txt").text
     planners = server.sql(
         "SELECT seq, state FROM jobs WHERE transcription_id = $1 AND kind = 'chunk'", view["id"]
     )
