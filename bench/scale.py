@@ -2,8 +2,10 @@
 keeps its engine. The project's real Worker (worker.runner.Worker: claims, ffmpeg range
 reads, the chunk cache, completions with the next claim) runs with an engine that sleeps
 audio/SPEED seconds per batch, a GPU at SPEED× realtime, several Workers per process in
-several processes, against a real `scribefarm server` and its PostgreSQL. The board's
-own cycles per second and claim latency at 10 to 500 workers: bench/board.py.
+several processes, against a real `scribefarm server` and its PostgreSQL. Beside it, a
+6 s clip through the OpenAI endpoint of a farm of real workers, against faster-whisper
+run directly. The board's own cycles per second and claim latency at 10 to 500
+workers: bench/board.py.
 
     .venv/bin/python -m bench.scale             # full run, records in bench/RESULTS.md
     .venv/bin/python -m bench.scale --quick     # smoke check, writes nothing
@@ -22,19 +24,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+
 from bench import ROOT, log
 from bench.farm import long_speech
 from bench.harness import Farm, media
 from bench.results import TARGETS_HEADER, command_line, header_lines, run, verdict
 from shared.protocol import Segment
+from tests.speech import decode
 from worker.chunking import plan_source, quiet_cuts, span_starts
-from worker.engines import EngineInput, EngineOutput
+from worker.engines import EngineInput, EngineOutput, resolve_model
 
 SECTION = "## Scale-out: one long file, many workers (bench/scale.py)"
 PROCESSES = 4  # the Workers of a run are spread over this many processes
 TARGET_SECONDS = 3.0  # 1-hour file, 30 workers at 200×: submit → succeeded
 TARGET_FIRST_CLAIM = 0.5  # upload stored → first transcribe job claimed
 TARGET_BUSY = 0.90  # one worker at 200×: engine busy share of its transcribing time
+TARGET_CLIP_RATIO = 1.1  # a 6 s clip through the OpenAI endpoint / direct faster-whisper
+CLIP_TEXT = (
+    "Please send the quarterly figures to the whole team before noon on Friday, "
+    "and copy me on the reply."
+)
+CLIP_RUNS = 7
 SPAN_SECONDS = 300.0  # the server's default SCRIBEFARM_PLAN_SPAN_SECONDS
 
 
@@ -132,10 +143,64 @@ class PlanningAlone:
 
 
 @dataclass
+class ClipLatency:
+    """One short clip, on a warm farm and directly: seconds per request (medians)."""
+
+    clip: float  # its length
+    farm: list[float]
+    direct: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.farm) / statistics.median(self.direct)
+
+
+@dataclass
 class Results:
     audio: float
     runs: list[LongFile] = field(default_factory=list)
     alone: PlanningAlone | None = None
+    clip: ClipLatency | None = None
+
+
+def clip_latency(work: Path) -> ClipLatency:
+    """A 6 s clip through the OpenAI endpoint of a farm of real workers (the local
+    default: a 1-thread worker per core, model loaded, registered), the request's whole
+    time; beside faster-whisper transcribing the same file in this process (model
+    loaded, 2 threads), the way bench/farm.py runs it directly. Alternating, after one
+    warm-up each."""
+    path = media().speech(CLIP_TEXT, words_per_minute=140)
+    model = WhisperModel(resolve_model("tiny.en"), device="cpu", compute_type="int8", cpu_threads=2)
+    pipeline = BatchedInferencePipeline(model)
+
+    def direct() -> float:
+        began = time.monotonic()
+        segments, _ = pipeline.transcribe(str(path), batch_size=8)
+        list(segments)
+        return time.monotonic() - began
+
+    farm = Farm(work / "openai").start()
+    try:
+        farm.start_workers(2, threads=1, batch_size=8)
+        assert farm.client is not None
+
+        def through_openai() -> float:
+            farm.clear_cache()  # the same clip again would come from the cache
+            began = time.monotonic()
+            response = farm.client.post(
+                "/v1/audio/transcriptions",
+                files={"file": (path.name, path.read_bytes())},
+                data={"model": "whisper-1"},
+            )
+            response.raise_for_status()
+            return time.monotonic() - began
+
+        through_openai(), direct()  # warm-up
+        runs = [(through_openai(), direct()) for _ in range(CLIP_RUNS)]
+    finally:
+        farm.stop()
+    seconds = len(decode(path)) / 16000
+    return ClipLatency(seconds, [f for f, _ in runs], [d for _, d in runs])
 
 
 def plan_alone(path: Path) -> PlanningAlone:
@@ -206,6 +271,10 @@ def one_file(farm: Farm, path: Path, workers: int, speed: float) -> LongFile:
 def measure(options: Options, work: Path) -> Results:
     path, _ = long_speech(media(), options.audio_seconds)
     results = Results(audio=options.audio_seconds, alone=plan_alone(path))
+    results.clip = clip_latency(work)
+    clip = results.clip
+    log(f"{clip.clip:.1f} s clip: OpenAI endpoint {statistics.median(clip.farm):.2f} s, "
+        f"direct {statistics.median(clip.direct):.2f} s, ratio {clip.ratio:.2f}")  # fmt: skip
     alone = results.alone
     log(f"planning alone: whole {alone.whole:.2f} s, cuts {alone.cuts:.2f} s, spans "
         f"{', '.join(f'{s:.2f}' for s in alone.spans)} s")  # fmt: skip
@@ -257,6 +326,17 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
             f"| one worker at 200×: engine busy ≥ {TARGET_BUSY:.0%} of its transcribing time "
             f"| {one[0].busy:.0%} | {verdict(one[0].busy >= TARGET_BUSY)} |"
         )
+    clip = results.clip
+    if clip is not None:
+        lines.append(
+            f"| a {clip.clip:.0f} s clip through the OpenAI endpoint, warm farm: ≤ "
+            f"{TARGET_CLIP_RATIO:g}× direct faster-whisper's time (medians of {CLIP_RUNS}) | "
+            f"{clip.ratio:.2f}× ({statistics.median(clip.farm):.2f} s against "
+            f"{statistics.median(clip.direct):.2f} s; each: "
+            f"{', '.join(f'{f:.2f}' for f in clip.farm)} s against "
+            f"{', '.join(f'{d:.2f}' for d in clip.direct)} s) | "
+            f"{verdict(clip.ratio <= TARGET_CLIP_RATIO)} |"
+        )
     lines += [
         "",
         f"### One {results.audio / 60:.0f}-minute file",
@@ -301,6 +381,12 @@ def report(results: Results, info: dict[str, str], load_start: str, quiet: bool)
         "when the upload starts). Engine busy: the engine time the transcribe jobs report, "
         "over each worker's span from its first transcribe claim to its last completion, "
         "summed over workers.",
+        "- The clip: espeak-ng reading one sentence; through `POST /v1/audio/transcriptions` "
+        "(`model=whisper-1`, JSON) of a third farm whose 2 real `scribefarm worker "
+        "--threads 1` processes have loaded tiny.en and registered, from the request's start "
+        "to its answer (the chunk cache emptied before each); directly: "
+        "`BatchedInferencePipeline.transcribe` with tiny.en, int8, 2 threads, loaded once "
+        "in the benchmark's process, as bench/farm.py runs it. The two alternate.",
         "- Planning: the server's default SCRIBEFARM_PLAN_SPAN_SECONDS (300 s) has the "
         "file planned in spans, a chunk job each, at once; the last row plans it whole "
         "(0), on a second farm, for comparison.",
