@@ -32,6 +32,7 @@ from bench.harness import Farm, media
 from bench.results import TARGETS_HEADER, command_line, header_lines, run, verdict
 from shared.protocol import Segment
 from tests.speech import decode
+from worker.audio import probe_source
 from worker.chunking import plan_source, quiet_cuts, span_starts
 from worker.engines import EngineInput, EngineOutput, resolve_model
 
@@ -211,7 +212,8 @@ def plan_alone(path: Path) -> PlanningAlone:
 
     source = str(path)
     whole, _ = timed(lambda: plan_source(source, 60, 120))
-    cuts_seconds, cuts = timed(lambda: quiet_cuts(source, span_starts(source, SPAN_SECONDS)))
+    declared = probe_source(source).declared_seconds
+    cuts_seconds, cuts = timed(lambda: quiet_cuts(source, span_starts(declared, SPAN_SECONDS)))
     bounds = [0.0, *cuts, None]
     spans = [
         timed(lambda k=k: plan_source(source, 60, 120, start=bounds[k], end=bounds[k + 1]))[0]

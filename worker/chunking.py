@@ -40,6 +40,7 @@ from shared.protocol import ChunkPlan, ChunkSpan
 from worker.audio import (
     SAMPLE_RATE,
     MediaError,
+    Probe,
     probe_source,
     read_range,
     seconds_to_samples,
@@ -108,11 +109,12 @@ def _chunk_span(index: int, spans: list[Span]) -> ChunkSpan:
     return ChunkSpan(index=index, start=seconds[0][0], end=seconds[-1][1], speech=seconds)
 
 
-def span_starts(source: str, span_seconds: float, max_audio_seconds: float = math.inf) -> list[int]:
-    """About where the spans of a long source start: every ``span_seconds`` or so, in
-    whole seconds (none for a source shorter than about two spans, or one that does not
-    declare its duration)."""
-    declared = probe_source(source).declared_seconds
+def span_starts(
+    declared: float | None, span_seconds: float, max_audio_seconds: float = math.inf
+) -> list[int]:
+    """About where the spans of a source declaring this duration start: every
+    ``span_seconds`` or so, in whole seconds (none for a source shorter than about two
+    spans, or one that does not declare its duration)."""
     if declared is None or declared > max_audio_seconds:
         return []  # planning it whole finds (and reports) the length
     count = round(declared / span_seconds)
@@ -158,12 +160,14 @@ def plan_source(
     deadline: float = math.inf,
     on_settled: Callable[[list[ChunkSpan]], None] | None = None,
     keep: list[np.ndarray] | None = None,
+    probe: Probe | None = None,
 ) -> ChunkPlan:
     """Decode the source's [start, end) (streamed; by default all of it), find its
     speech and plan its chunks, on the source's timeline, numbered from ``first_index``.
 
     ``keep`` collects the decoded audio of a source no longer than ``max_seconds`` (a
     short source, transcribed by the job that plans it); it is left empty otherwise.
+    ``probe``: the source's, when the caller has probed it already.
 
     ``on_settled`` receives chunks as soon as they are settled, each once, in order;
     the plan returned holds them all. Settling is looked for each time the audio read
@@ -174,7 +178,7 @@ def plan_source(
     going at ``deadline`` (``time.monotonic()``; a live stream never ends).
     """
     if start == 0:
-        declared = probe_source(source).declared_seconds
+        declared = (probe or probe_source(source)).declared_seconds
         if declared is not None and declared > max_audio_seconds:
             raise _too_long(f"declares {declared / 3600:.2f} h", max_audio_seconds)
     offset = seconds_to_samples(start)

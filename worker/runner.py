@@ -36,7 +36,7 @@ from shared.protocol import (
     ClaimedJob,
     WorkerCapabilities,
 )
-from worker.audio import MediaError, read_range, seconds_to_samples
+from worker.audio import MediaError, Probe, probe_source, read_range, seconds_to_samples
 from worker.chunking import plan_source, quiet_cuts, span_starts
 from worker.client import BoardClient, BoardError, LeaseLost
 from worker.egress import Egress
@@ -258,15 +258,18 @@ class Worker:
         first (from the first speech, for every chunk of every span)."""
         detect = self._detects_language_once(job)
         deadline = time.monotonic() + (job.max_job_seconds or math.inf)
-        plan_range = functools.partial(self._plan_range, job, source, deadline)
         if job.span is not None:
             span = job.span
-            return await plan_range(span.start, span.end, span.index * SPAN_STRIDE, True)
-        starts = []
-        if job.plan_span_seconds:
+            return await self._plan_range(
+                job, source, deadline, span.start, span.end, span.index * SPAN_STRIDE, True
+            )
+        starts, probe = [], None
+        if job.plan_span_seconds:  # probed once: planning the first span needs it too
+            probe = await asyncio.to_thread(probe_source, source)
             limit = job.max_audio_seconds or math.inf
-            starts = await asyncio.to_thread(span_starts, source, job.plan_span_seconds, limit)
-        cuts = await asyncio.to_thread(quiet_cuts, source, starts[:1])
+            starts = span_starts(probe.declared_seconds, job.plan_span_seconds, limit)
+        plan_range = functools.partial(self._plan_range, job, source, deadline, probe=probe)
+        cuts = await asyncio.to_thread(quiet_cuts, source, starts[:1]) if starts else []
         if not cuts:
             return await self._plan_whole(job, source, plan_range, detect, kept)
         # The first span is planned while the other cuts are found and split off.
@@ -310,6 +313,7 @@ class Worker:
         first_index: int,
         settle: bool,
         keep: list[np.ndarray] | None = None,
+        probe: Probe | None = None,
     ) -> ChunkPlan:
         return await asyncio.to_thread(
             plan_source,
@@ -323,6 +327,7 @@ class Worker:
             deadline=deadline,
             on_settled=self._settler(job) if settle else None,
             keep=keep,
+            probe=probe,
         )
 
     def _settler(self, job: ClaimedJob) -> Callable[[list[ChunkSpan]], None]:
