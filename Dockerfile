@@ -11,7 +11,8 @@
 #
 # The install steps are ./dev's: `pip install -c deploy/constraints.txt ".[extras]"`,
 # the versions the test suite ran with (deploy/lock.py), and whisperx's own pins for
-# worker-whisperx, as in ./dev's whisperx environment.
+# worker-whisperx, as in ./dev's whisperx environment; and, for every worker, the voice
+# encoder's weights from Resemblyzer's wheel without its dependencies (./dev's VOICE_ENCODER).
 #
 # Models: a name (SCRIBEFARM_MODEL=small.en) is fetched at first start into /models
 # (mount a volume there to keep it); `--build-arg MODEL=small.en` bakes it into the image
@@ -37,7 +38,8 @@ FROM python-build AS server-build
 RUN /opt/venv/bin/pip install --no-cache-dir -c deploy/constraints.txt ".[server]"
 
 FROM python-build AS farm-build
-RUN /opt/venv/bin/pip install --no-cache-dir -c deploy/constraints.txt ".[server,worker,models]"
+RUN /opt/venv/bin/pip install --no-cache-dir -c deploy/constraints.txt ".[server,worker,models]" \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps resemblyzer==0.1.4
 ARG MODEL=""
 # A model named at build time is baked in, so a new machine starts without downloading.
 RUN mkdir -p /opt/models \
@@ -79,7 +81,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python3 -m venv /opt/venv
 COPY --from=source /src /src
 WORKDIR /src
-RUN /opt/venv/bin/pip install --no-cache-dir -c deploy/constraints.txt ".[worker,models]"
+RUN /opt/venv/bin/pip install --no-cache-dir -c deploy/constraints.txt ".[worker,models]" \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps resemblyzer==0.1.4
 ARG MODEL=""
 RUN mkdir -p /opt/models \
     && if [ -n "$MODEL" ]; then /opt/venv/bin/python deploy/fetch_model.py "$MODEL" /opt/models; fi
@@ -98,7 +101,8 @@ CMD ["scribefarm", "worker"]
 
 # --- GPU worker with whisperx: torch's pip wheels carry CUDA 12 and cuDNN 9 -------------
 FROM python-build AS whisperx-build
-RUN /opt/venv/bin/pip install --no-cache-dir ".[worker,models,whisperx]"
+RUN /opt/venv/bin/pip install --no-cache-dir ".[worker,models,whisperx]" \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps resemblyzer==0.1.4
 
 FROM python-runtime AS worker-whisperx
 COPY --from=whisperx-build /opt/venv /opt/venv

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import uuid4
 
 from pydantic import Field, HttpUrl, ValidationError
 
+from server import references
 from server.auth import Caller
 from server.errors import ApiError, describe_validation
 from server.state import ServerState
@@ -36,7 +37,7 @@ async def from_upload(
     caller: Caller,
     upload: Upload,
     file: AsyncIterator[bytes],
-    read_options: Callable[[Upload], TranscriptionOptions] | None = None,
+    read_options: Callable[[Upload], Awaitable[TranscriptionOptions]] | None = None,
 ) -> Any:
     """Streams `file` (the upload's file part, as it arrives) to storage and queues its
     transcription; returns its row. `read_options` turns the upload's other fields into
@@ -53,7 +54,7 @@ async def from_upload(
             raise ApiError(422, "file_required", "send exactly one multipart field named 'file'")
         if size == 0:
             raise ApiError(422, "empty_file", "the uploaded file is empty")
-        options = (read_options or parse_options)(upload)
+        options = await (read_options or parse_options)(upload)
         await check_options(state, caller, options)
         model = options.model or state.settings.default_model
         await state.board.transcriptions.submit(
@@ -110,11 +111,19 @@ def parse_source(data: bytes | dict[str, Any]) -> UrlSource:
         raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
 
 
-def parse_options(upload: Upload) -> TranscriptionOptions:
+async def parse_options(upload: Upload) -> TranscriptionOptions:
+    """The form's options; known speakers come as OpenAI sends them (references.py)."""
+    fields = dict(upload.fields)
+    for name in (references.NAMES_FIELD, references.REFERENCES_FIELD):
+        fields.pop(name, None)
     try:
-        return TranscriptionOptions.model_validate(upload.fields)
+        options = TranscriptionOptions.model_validate(fields)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation(exc.errors())) from exc
+    try:
+        return await references.with_known_speakers(options, upload)
+    except references.ReferenceRefused as exc:
+        raise ApiError(422, "invalid_reference", str(exc)) from exc
 
 
 async def check_options(state: ServerState, caller: Caller, options: TranscriptionOptions):
@@ -189,6 +198,10 @@ def dedup_key(source_sha256: str, options: TranscriptionOptions, model: str) -> 
         },
     )
     shaping |= {"model": model, "word_timestamps": options.word_timestamps}
+    if options.diarize:  # who spoke, and how many were asked for
+        shaping |= options.model_dump(
+            include={"diarize", "num_speakers", "min_speakers", "max_speakers"}
+        )
     return hashlib.sha256(
         f"{source_sha256}|{json.dumps(shaping, sort_keys=True)}".encode()
     ).hexdigest()

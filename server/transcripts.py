@@ -7,6 +7,7 @@ import zlib
 from collections import Counter
 from typing import Any
 
+from server.speakers import Diarization, label
 from worker.phrases import TimedWord, group_words, phrase_text, wrap_lines
 
 FORMATS = ("txt", "srt", "vtt", "json", "verbose_json")
@@ -19,10 +20,15 @@ MEDIA_TYPES = {
 }
 
 
-def merge(chunks: list[tuple[float, float, dict[str, Any]]], duration: float) -> dict[str, Any]:
+def merge(
+    chunks: list[tuple[float, float, dict[str, Any]]],
+    duration: float,
+    speakers: Diarization | None = None,
+) -> dict[str, Any]:
     """Segments in chunk order on the original timeline, kept inside their chunk and
     monotonic, so nothing overlaps or repeats at a boundary. `chunks` holds each chunk's
-    (start, end, result) in order."""
+    (start, end, result) in order. With `speakers` (diarization asked for), every chunk's
+    voices are clustered together and each segment and word says who spoke."""
     segments: list[dict[str, Any]] = []
     cursor = 0.0
     for start, end, result in chunks:
@@ -35,21 +41,26 @@ def merge(chunks: list[tuple[float, float, dict[str, Any]]], duration: float) ->
             segments.append({**seg, "text": text, "start": seg_start, "end": seg_end})
             cursor = seg_end
     languages = Counter(r.get("language") for _, _, r in chunks if r.get("language"))
-    return {
+    merged = {
         "duration_seconds": duration,
         "language": languages.most_common(1)[0][0] if languages else None,
         "text": " ".join(s["text"] for s in segments),
         "segments": segments,
     }
+    if speakers is not None:
+        voices = [v for _, _, r in chunks for v in r.get("voices") or ()]
+        heard = label(segments, voices, speakers)
+        merged |= {"segments": heard.segments, "speakers": heard.speakers, "turns": heard.turns}
+    return merged
 
 
-MERGED_KEYS = ("duration_seconds", "language", "text", "segments")
+MERGED_KEYS = ("duration_seconds", "language", "text", "segments", "speakers", "turns")
 TIMINGS = {"submitted_at": "created_at", "started_at": "started_at", "finished_at": "finished_at"}
 
 
 def merged_part(document: dict[str, Any]) -> dict[str, Any]:
     """What merge() produced, out of a finished document (to reuse it elsewhere)."""
-    return {key: document[key] for key in MERGED_KEYS}
+    return {key: document[key] for key in MERGED_KEYS if key in document}
 
 
 def document(header: Any, merged: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +83,7 @@ def document_bytes(document: dict[str, Any]) -> bytes:
 
 def render(transcript: dict[str, Any], fmt: str) -> str:
     if fmt == "txt":
-        return "".join(f"{s['text']}\n" for s in transcript["segments"])
+        return "".join(f"{line}\n" for line in turns(transcript["segments"]))
     if fmt == "srt":
         return "\n".join(
             f"{i}\n{timestamp(start, ',')} --> {timestamp(end, ',')}\n{text}\n"
@@ -81,7 +92,7 @@ def render(transcript: dict[str, Any], fmt: str) -> str:
     if fmt == "vtt":
         body = "".join(
             f"\n{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n"
-            for start, end, text in cues(transcript["segments"])
+            for start, end, text in cues(transcript["segments"], voice_spans=True)
         )
         return "WEBVTT\n" + body
     if fmt == "verbose_json":
@@ -89,14 +100,37 @@ def render(transcript: dict[str, Any], fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def cues(segments: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+def turns(segments: list[dict[str, Any]]) -> list[str]:
+    """Plain text: a line per segment, or with speakers a line per turn ("S1: ...")."""
+    if not any("speaker" in s for s in segments):
+        return [s["text"] for s in segments]
+    lines: list[tuple[str, list[str]]] = []
+    for segment in segments:
+        if lines and lines[-1][0] == segment["speaker"]:
+            lines[-1][1].append(segment["text"])
+        else:
+            lines.append((segment["speaker"], [segment["text"]]))
+    return [f"{speaker}: {' '.join(texts)}" for speaker, texts in lines]
+
+
+def cues(
+    segments: list[dict[str, Any]], voice_spans: bool = False
+) -> list[tuple[float, float, str]]:
     """Subtitle cues: at most 2 lines of 42 characters and 7 s each. The engine's segments
     already fit; a longer one (another engine, an older transcript) is split between words,
-    at its word times when it has them, else at times in proportion to its characters."""
+    at its word times when it has them, else at times in proportion to its characters.
+    A speaker goes before the text ("S1: ..."), or in a WebVTT voice span (<v S1>)."""
     result = []
     for segment in segments:
+        speaker = segment.get("speaker")
         for phrase in group_words(_timed_words(segment)):
-            result.append((phrase[0].start, phrase[-1].end, wrap_lines(phrase_text(phrase))))
+            text = phrase_text(phrase)
+            if speaker is not None and not voice_spans:
+                text = f"{speaker}: {text}"
+            text = wrap_lines(text)
+            if speaker is not None and voice_spans:
+                text = f"<v {speaker}>{text}"
+            result.append((phrase[0].start, phrase[-1].end, text))
     return result
 
 
@@ -162,16 +196,42 @@ def verbose_json(
                 "avg_logprob": number_or_zero(s.get("avg_logprob")),
                 "compression_ratio": compression_ratio(s["text"]),
                 "no_speech_prob": number_or_zero(s.get("no_speech_prob")),
+                **speaker_of(s),
             }
             for i, s in enumerate(transcript["segments"])
         ]
     if words:
         response["words"] = [
-            {"word": w["word"], "start": w["start"], "end": w["end"]}
+            {"word": w["word"], "start": w["start"], "end": w["end"], **speaker_of(w)}
             for s in transcript["segments"]
             for w in s.get("words") or ()
         ]
     return response
+
+
+def diarized_json(transcript: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `diarized_json` response: the segments with their speakers."""
+    return {
+        "task": "transcribe",
+        "duration": transcript["duration_seconds"],
+        "text": transcript["text"],
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": f"seg_{i}",
+                "start": s["start"],
+                "end": s["end"],
+                "text": s["text"],
+                "speaker": s.get("speaker", "S1"),
+            }
+            for i, s in enumerate(transcript["segments"])
+        ],
+    }
+
+
+def speaker_of(part: dict[str, Any]) -> dict[str, str]:
+    """{"speaker": ...} for a segment or word of a diarized transcript; else nothing."""
+    return {"speaker": part["speaker"]} if "speaker" in part else {}
 
 
 def number_or_zero(value: float | None) -> float:

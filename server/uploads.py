@@ -18,7 +18,13 @@ MAX_FIELD_BYTES = 8192
 MAX_FIELDS = 64
 MAX_PART_HEADERS = 8  # per part (python-multipart's own default, set here so it stays)
 MAX_PART_HEADER_BYTES = 4096  # per header line
-MULTIPART_OVERHEAD = 1024 * 1024  # headers and small fields around the file
+# Fields that carry more than a short value, each with its cap and how many may come: a
+# known speaker's reference clip (OpenAI's known_speaker_references[], data URLs).
+LARGE_FIELDS = {"known_speaker_references[]": 1536 * 1024}
+MAX_LARGE_FIELDS = 4
+MULTIPART_OVERHEAD = (  # headers and fields around the file
+    1024 * 1024 + MAX_LARGE_FIELDS * max(LARGE_FIELDS.values())
+)
 
 
 @dataclass
@@ -69,7 +75,7 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
     pending: list[bytes] = []
     part = _Part()
 
-    parts = 0
+    parts = large = 0
 
     def on_part_begin() -> None:
         nonlocal part, parts
@@ -91,9 +97,16 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
         part.header_field, part.header_value = b"", b""
 
     def on_headers_finished() -> None:
+        nonlocal large
         _, params = parse_options_header(part.headers.get(b"content-disposition", b""))
         part.name = params.get(b"name", b"").decode(errors="replace")
         part.is_file = part.name == file_field
+        if part.name in LARGE_FIELDS:
+            large += 1
+            if large > MAX_LARGE_FIELDS:
+                raise ApiError(
+                    413, "too_many_fields", f"at most {MAX_LARGE_FIELDS} {part.name!r} fields"
+                )
         if part.is_file:
             upload.file_parts += 1
             upload.filename = params.get(b"filename", b"").decode(errors="replace") or None
@@ -104,11 +117,12 @@ def file_stream(request: Request, upload: Upload, file_field: str, limit: int):
             upload.size += end - start
             return
         part.value += data[start:end]
-        if len(part.value) > MAX_FIELD_BYTES:
+        cap = LARGE_FIELDS.get(part.name, MAX_FIELD_BYTES)
+        if len(part.value) > cap:
             raise ApiError(
                 413,
                 "field_too_large",
-                f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes; send a shorter value",
+                f"form field {part.name!r} is over {cap} bytes; send a shorter value",
             )
 
     def on_part_end() -> None:

