@@ -98,23 +98,32 @@ async def load_transcription(
         "spans": len(planners),
         "chunks": chunks,
         "marks": views.time_marks(row["duration_seconds"]),
-        "segments": await transcript_segments(board, row, memo),
+        **await transcript(board, row, memo),
         "failed": [c for c in (*planners, *chunks) if c.job["state"] == "dead"],
     }
 
 
-async def transcript_segments(board: Any, row: Any, memo: dict[str, Any]) -> list[dict]:
-    """The merged transcript once it succeeded, else the finished chunks' segments; read
-    again only when the transcription has moved on (a stream's ticks stay one query)."""
+async def transcript(board: Any, row: Any, memo: dict[str, Any]) -> dict[str, Any]:
+    """The merged transcript once it succeeded, else the finished chunks' segments (no
+    speakers until the merge: only it clusters the voices); read again only when the
+    transcription has moved on (a stream's ticks stay one query)."""
     version = (row["state"], row["jobs_done"])
     if memo.get("version") != version:
         if row["state"] == "succeeded":
             document = await board.transcriptions.transcript_document(row["id"], None)
-            segments = document["segments"]
+            segments, speakers = document["segments"], document.get("speakers") or []
         else:
             segments = views.live_segments(await board.reads.chunk_results(row["id"]))
-        memo.update(version=version, segments=segments)
-    return memo["segments"]
+            speakers = []
+        memo.update(version=version, transcript=shown_transcript(segments, speakers))
+    return memo["transcript"]
+
+
+def shown_transcript(segments: list[dict], speakers: list[dict]) -> dict[str, Any]:
+    """What the transcript and the summary show: with speakers, their legend and turns."""
+    legend = views.speaker_views(speakers)
+    turns = views.speaker_turns(segments, legend) if legend else []
+    return {"segments": segments, "speakers": legend, "turns": turns}
 
 
 async def load_workers(

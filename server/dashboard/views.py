@@ -222,6 +222,60 @@ def live_segments(chunks: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
+# --- speakers -------------------------------------------------------------------------
+
+SPEAKER_COLOURS = 8  # the stylesheet's .speaker-1 ... .speaker-8; a ninth speaker reuses 1
+
+
+@dataclass(frozen=True)
+class SpeakerView:
+    """One voice of a diarized transcript, as its legend shows it."""
+
+    label: str
+    seconds: float
+    share: float  # of all the speech heard
+    colour: int  # the stylesheet's .speaker-N
+
+    @property
+    def spoke(self) -> str:
+        return f"{took(self.seconds)} · {round(100 * self.share)} %"
+
+
+def speaker_views(speakers: list[dict[str, Any]]) -> list[SpeakerView]:
+    """The transcript's speakers in label order (S1 spoke first), a colour each."""
+    total = sum(s["seconds"] for s in speakers)
+    return [
+        SpeakerView(
+            s["label"],
+            s["seconds"],
+            s["seconds"] / total if total else 0.0,
+            i % SPEAKER_COLOURS + 1,
+        )
+        for i, s in enumerate(speakers)
+    ]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Consecutive segments of one speaker, each with its place in the transcript (the
+    player finds a segment by that place)."""
+
+    speaker: SpeakerView | None
+    segments: list[tuple[int, dict[str, Any]]]
+
+
+def speaker_turns(segments: list[dict[str, Any]], speakers: list[SpeakerView]) -> list[Turn]:
+    by_label = {s.label: s for s in speakers}
+    turns: list[Turn] = []
+    for index, segment in enumerate(segments):
+        speaker = by_label.get(segment.get("speaker", ""))
+        if turns and turns[-1].speaker == speaker:
+            turns[-1].segments.append((index, segment))
+        else:
+            turns.append(Turn(speaker, [(index, segment)]))
+    return turns
+
+
 def time_marks(duration: float | None, count: int = 5) -> list[tuple[float, str]]:
     """Evenly spaced labels under a timeline: (percent along, time)."""
     if not duration:

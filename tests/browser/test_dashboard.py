@@ -17,7 +17,8 @@ import pytest
 import srt
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.farm import WorkerProcess, submit, wait_for, wait_until_finished
+from tests.farm import ProtocolWorker, WorkerProcess, submit, wait_for, wait_until_finished
+from tests.integration.test_dashboard import diarized_chunk, plan_conversation
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -213,6 +214,56 @@ def test_a_submit_key_sees_only_its_own_transcriptions(farm, browser, made):
     assert page.request.get(f"/transcriptions/{mine}/media", max_redirects=0).status == 404
     assert page.goto("/workers").status == 403
     page.context.close()
+
+
+def test_the_form_asks_for_speakers_and_the_page_shows_them_live(browser, make_server, media):
+    """Diarization asked for from the form; the board's merge clusters the voices a
+    protocol worker reports (tests/integration/test_dashboard.py's conversation)."""
+    # A board of its own (no real worker takes these jobs), started from a thread of its
+    # own: Playwright's sync API keeps an event loop running in this one.
+    with ThreadPoolExecutor(1) as thread:
+        server = thread.submit(make_server).result()
+    keys = {role: server.create_key(role) for role in ("submit", "worker")}
+    page = sign_in(browser, server, keys["submit"])
+    count = page.locator("#upload-speakers")
+    expect(count).to_be_disabled()  # a count means nothing until speakers are told apart
+    page.get_by_label("Tell speakers apart").first.check()
+    expect(count).to_be_enabled()
+    count.fill("3")
+    page.get_by_label("Audio or video file").set_input_files(media.paragraphs((0,)))
+    page.get_by_role("button", name="Upload and transcribe").click()
+    page.wait_for_url(re.compile(r"/transcriptions/[0-9a-f-]{36}$"))
+
+    worker = ProtocolWorker(server, keys["worker"])
+    chunk_job, jobs = plan_conversation(worker)
+    assert chunk_job["options"]["diarize"] is True and chunk_job["options"]["num_speakers"] == 3
+    worker.complete(jobs[0], diarized_chunk(jobs[0]))
+    expect(page.locator("#transcript .segment").first).to_contain_text("ann talks")
+    expect(page.locator("#transcript .speaker-legend")).to_have_count(0)  # not before the merge
+    for job in jobs[1:]:
+        worker.complete(job, diarized_chunk(job))
+    worker.close()
+
+    legend = page.locator("#transcript .speaker-legend")  # live, no reload
+    expect(legend.locator(".count")).to_have_text("3 speakers", timeout=SLOW)
+    expect(page.locator("#summary .speaker-count")).to_have_text("3 speakers")
+    expect(legend.locator("li")).to_have_text(
+        ["S1 11.5 s · 43 %", "S2 6.5 s · 24 %", "S3 9.0 s · 33 %"]
+    )
+    turns = page.locator("#transcript .turn")
+    expect(turns.locator("> .speaker-label")).to_have_text(["S1", "S2", "S1", "S3"])
+    expect(turns.nth(1).locator(".segment")).to_have_count(2)
+    colours = [colour_of(turns.nth(i).locator("> .speaker-label")) for i in range(4)]
+    assert colours[0] == colours[2] and len({colours[0], colours[1], colours[3]}) == 3, colours
+    assert colours[0] == colour_of(legend.locator("li .speaker-label").first)
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        shoot(page, width, "transcription-speakers")
+    page.context.close()
+
+
+def colour_of(label) -> str:
+    return label.evaluate("element => getComputedStyle(element).backgroundColor")
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -1,18 +1,21 @@
-"""The dashboard over plain HTTP: sign-in, sessions, CSRF, the live stream, requeue.
-(tests/browser/ drives it in a real browser.)"""
+"""The dashboard over plain HTTP: sign-in, sessions, CSRF, the live stream, requeue,
+speakers. (tests/browser/ drives it in a real browser.)"""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
 import time
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from server import dashboard
-from tests.farm import ProtocolWorker, submit
+from tests.farm import ProtocolWorker, chunk_plan, submit
 
 HTML = {"Accept": "text/html"}
 
@@ -206,3 +209,171 @@ def test_one_session_may_hold_only_a_few_live_streams(server, keys):
         while not reopened():
             assert time.monotonic() < deadline, "a closed stream still counts"
             time.sleep(0.5)
+
+
+# --- speakers (issue 16) ----------------------------------------------------------------
+
+# A 30 s conversation in three 10 s chunks: who speaks when. Ann comes back in another
+# chunk; the board's merge clusters every chunk's voices together.
+CONVERSATION = [
+    (0.5, 6.0, "ann"),
+    (6.5, 9.5, "bob"),
+    (10.5, 13.0, "bob"),
+    (13.5, 19.5, "ann"),
+    (20.5, 24.0, "cy"),
+    (24.5, 29.5, "cy"),
+]
+VOICE_DIRECTIONS = {"ann": 0, "bob": 1, "cy": 2}  # three voices the encoder tells apart
+# What the legend says: label, voice, speech (s: its turns, a pause of 1 s inside one)
+# and share of the 27 s heard.
+LEGEND = [
+    ("S1", "ann", "11.5 s", "43 %"),
+    ("S2", "bob", "6.5 s", "24 %"),
+    ("S3", "cy", "9.0 s", "33 %"),
+]
+
+
+def voice_windows(start: float, end: float, who: str) -> list[dict[str, Any]]:
+    """A diarizing worker's voices of one turn: an embedding per window of about 1.5 s
+    (float16, base64, as on the wire)."""
+    vector = np.zeros(256, dtype="<f2")
+    vector[VOICE_DIRECTIONS[who]] = 1.0
+    embedding = base64.b64encode(vector.tobytes()).decode()
+    edges = np.linspace(start, end, max(2, round((end - start) / 1.5) + 1))
+    return [
+        {"start": float(a), "end": float(b), "embedding": embedding}
+        for a, b in zip(edges, edges[1:], strict=False)
+    ]
+
+
+def diarized_chunk(job: dict[str, Any]) -> dict[str, Any]:
+    """A transcribe job's result with the voices heard in it."""
+    start, end = job["chunk"]["start"], job["chunk"]["end"]
+    turns = [turn for turn in CONVERSATION if start <= turn[0] < end]
+    return {
+        "kind": "transcribe",
+        "segments": [{"start": a, "end": b, "text": f"{who} talks"} for a, b, who in turns],
+        "voices": [v for turn in turns for v in voice_windows(*turn)],
+        "language": "en",
+        "audio_seconds": end - start,
+        "processing_seconds": 0.01,
+    }
+
+
+def upload_from_the_page(browser: Browserless, **fields: str) -> httpx.Response:
+    """What the upload form's script sends: the options, then the file."""
+    return browser.http.post(
+        "/transcriptions",
+        data=fields,
+        files={"file": ("talk.wav", b"a conversation")},
+        headers={"X-CSRF-Token": browser.csrf("/"), "Accept": "application/json"},
+    )
+
+
+def plan_conversation(worker: ProtocolWorker) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Plans the queued transcription into its three chunks: (chunk job, transcribe jobs)."""
+    [chunk_job] = worker.claim()
+    assert worker.complete(chunk_job, chunk_plan(3, 10.0)).status_code == 200
+    jobs = worker.claim(max_jobs=3)
+    assert len(jobs) == 3
+    return chunk_job, sorted(jobs, key=lambda job: job["chunk"]["start"])
+
+
+@pytest.fixture(scope="module")
+def quiet_board(make_server):
+    """A board of its own: its protocol worker must claim no other test's jobs."""
+    server = make_server()
+    return server, {role: server.create_key(role) for role in ("submit", "worker")}
+
+
+def test_the_upload_form_asks_for_speakers_and_bad_counts_are_explained(quiet_board):
+    server, keys = quiet_board
+    browser = signed_in(server, keys["submit"])
+    form = browser.http.get("/").text
+    assert 'name="diarize" type="checkbox"' in form and "Tell speakers apart" in form
+    assert 'name="num_speakers" type="number" min="1" max="32"' in form
+
+    too_many = upload_from_the_page(browser, diarize="true", num_speakers="40")
+    assert too_many.status_code == 422
+    assert "num_speakers: Input should be less than or equal to 32" in too_many.json()["message"]
+    not_asked = upload_from_the_page(browser, num_speakers="2")
+    assert not_asked.status_code == 422 and "need diarize=true" in not_asked.json()["message"]
+    by_url = browser.http.post(
+        "/transcriptions/from-url",
+        data={
+            "csrf_token": browser.csrf("/"),
+            "url": "https://example.com/a.mp3",
+            "diarize": "true",
+            "num_speakers": "0",
+        },
+    )
+    assert by_url.status_code == 422 and "num_speakers: Input should be greater than" in by_url.text
+
+    asked = upload_from_the_page(browser, diarize="true", num_speakers="3")
+    assert asked.status_code == 201, asked.text
+    worker = ProtocolWorker(server, keys["worker"])
+    chunk_job, jobs = plan_conversation(worker)
+    assert chunk_job["transcription_id"] == asked.json()["id"]
+    assert chunk_job["options"]["diarize"] is True and chunk_job["options"]["num_speakers"] == 3
+    for job in jobs:
+        assert worker.complete(job, diarized_chunk(job)).status_code == 200
+    worker.close()
+
+
+def test_a_diarized_transcript_shows_its_speakers_turns_and_legend(quiet_board):
+    server, keys = quiet_board
+    browser = signed_in(server, keys["submit"])
+    tid = upload_from_the_page(browser, diarize="true").json()["id"]
+    worker = ProtocolWorker(server, keys["worker"])
+    _, jobs = plan_conversation(worker)
+    assert worker.complete(jobs[0], diarized_chunk(jobs[0])).status_code == 200
+    running = browser.http.get(f"/transcriptions/{tid}").text
+    assert "bob talks" in running  # the finished chunk's segments, no speakers yet
+    assert 'class="turn' not in running and "speaker-legend" not in running
+    for job in jobs[1:]:
+        assert worker.complete(job, diarized_chunk(job)).status_code == 200
+    worker.close()
+
+    page = browser.http.get(f"/transcriptions/{tid}").text
+    assert re.search(r"<dt>Speakers</dt><dd[^>]*>3 speakers</dd>", page)
+    legend = re.search(r'<ul class="legend speakers".*?</ul>', page, re.S)[0]
+    shown = re.findall(
+        r'<li class="speaker-(\d)"><span class="speaker-label">(S\d)</span> '
+        r'<span class="spoke">([^<]*)</span>',
+        legend,
+    )
+    assert shown == [
+        (str(i), label, f"{seconds} · {share}")
+        for i, (label, _, seconds, share) in enumerate(LEGEND, start=1)
+    ]
+    # One turn per run of a voice, in its colour and with its label; Ann's second turn,
+    # in another chunk, has her label and colour again.
+    turns = re.findall(
+        r'<li class="turn speaker-(\d)">\s*<span class="speaker-label">(S\d)</span>(.*?)</ol>',
+        page,
+        re.S,
+    )
+    said = [(colour, label, re.findall(r"(\w+) talks", body)) for colour, label, body in turns]
+    assert said == [
+        ("1", "S1", ["ann"]),
+        ("2", "S2", ["bob", "bob"]),
+        ("1", "S1", ["ann"]),
+        ("3", "S3", ["cy", "cy"]),
+    ]
+    # The player still finds every line by its place in the transcript.
+    assert re.findall(r'id="segment-(\d+)"', page) == [str(i) for i in range(6)]
+
+
+def test_a_transcript_without_speakers_shows_none(quiet_board):
+    server, keys = quiet_board
+    browser = signed_in(server, keys["submit"])
+    tid = upload_from_the_page(browser).json()["id"]
+    worker = ProtocolWorker(server, keys["worker"])
+    _, jobs = plan_conversation(worker)
+    for job in jobs:
+        result = {**diarized_chunk(job), "voices": None}
+        assert worker.complete(job, result).status_code == 200
+    worker.close()
+    page = browser.http.get(f"/transcriptions/{tid}").text
+    assert "ann talks" in page and "succeeded" in page
+    assert "<dt>Speakers</dt>" not in page and "speaker-" not in page

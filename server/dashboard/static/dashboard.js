@@ -87,6 +87,17 @@ function formData(form) {
   return data;
 }
 
+// A speaker count means nothing unless speakers are told apart: the field follows the box
+// (a disabled field is not sent). Without this script the server says what is wrong.
+function speakerOptions() {
+  for (const box of document.querySelectorAll('input[name="diarize"]')) {
+    const count = box.form.querySelector('input[name="num_speakers"]');
+    const follow = () => { count.disabled = !box.checked; };
+    box.addEventListener("change", follow);
+    follow();
+  }
+}
+
 // --- the audio player and the transcript ------------------------------------------------
 
 function player() {
@@ -133,6 +144,7 @@ function keepInView(segment) {
 document.addEventListener("DOMContentLoaded", () => {
   listen();
   player();
+  speakerOptions();
   const form = document.getElementById("upload");
   if (form) upload(form);
 });
