@@ -18,7 +18,6 @@ least 200 faults. The figures go to bench/RESULTS.md under "## Chaos (bench/chao
 
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import tempfile
@@ -29,7 +28,15 @@ from pathlib import Path
 from bench import log
 from bench.harness import media
 from bench.machine import load_average, machine_info, wait_until_quiet
-from bench.results import TARGETS_HEADER, command_line, header_lines, publish, verdict
+from bench.results import (
+    TARGETS_HEADER,
+    bench_parser,
+    command_line,
+    header_lines,
+    publish,
+    recorded,
+    verdict,
+)
 from tests.chaos.harness import KINDS, LABELS, ChaosConfig, ChaosFarm, RoundReport, make_files
 
 SECTION = "## Chaos (bench/chaos.py)"
@@ -48,8 +55,7 @@ class Options:
 
 
 def parse(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="6 files of 2 paragraphs, one round")
+    p = bench_parser(__doc__, "6 files of 2 paragraphs, one round", quiet_timeout=300)
     p.add_argument("--files", type=int, default=None, help="files per round (30; quick: 6)")
     p.add_argument(
         "--paragraphs", type=int, default=None,
@@ -59,9 +65,6 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--max-rounds", type=int, default=10, help="stop after this many rounds")
     p.add_argument("--seed", type=int, default=None, help="the schedule's seed (random)")
     p.add_argument("--fault-gap", default="1.5,5", help="seconds between faults: min,max")
-    p.add_argument("--no-record", action="store_true", help="print only")
-    p.add_argument("--quiet-timeout", type=float, default=300, help="seconds to wait for "
-                   "a quiet machine (0: do not wait)")  # fmt: skip
     args = p.parse_args(argv)
     low, high = (float(x) for x in args.fault_gap.split(","))
     return Options(
@@ -72,7 +75,7 @@ def parse(argv: list[str] | None) -> Options:
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000),
         fault_gap=(low, high),
         quiet_timeout=0 if args.quick else args.quiet_timeout,
-        record=not (args.quick or args.no_record),
+        record=recorded(args),
     )
 
 

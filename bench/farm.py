@@ -14,7 +14,6 @@ transcribe(path)` including decoding the file, with its segments consumed.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import subprocess
@@ -30,7 +29,16 @@ from bench.harness import Farm, media
 from bench.machine import Disturbances
 from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
 from bench.phases import Phases, breakdown, phase_lines, phases
-from bench.results import TARGETS_HEADER, command_line, header_lines, run, seconds_list, verdict
+from bench.results import (
+    TARGETS_HEADER,
+    bench_parser,
+    command_line,
+    header_lines,
+    recorded,
+    run,
+    seconds_list,
+    verdict,
+)
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE, ffmpeg_binary
 from worker.chunking import plan_source
@@ -378,8 +386,7 @@ def method_lines(results: Results) -> list[str]:
 
 
 def parse(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2-minute file; RESULTS.md untouched")
+    p = bench_parser(__doc__, "2-minute file", quiet_timeout=1800)
     p.add_argument("--repeats", type=int, default=None, help="runs of each (3; quick: 1)")
     p.add_argument(
         "--configs",
@@ -387,9 +394,6 @@ def parse(argv: list[str] | None) -> Options:
         help="farm settings, [WORKERSxTHREADS/]BATCH_SIZE:[TARGET_CHUNK_SECONDS] (2x1 and "
         "the server's 60 s when left out); the first must be the defaults",
     )
-    p.add_argument("--no-record", action="store_true", help="print only (for trying settings)")
-    p.add_argument("--quiet-timeout", type=float, default=1800, help="seconds to wait for "
-                   "a quiet machine (0: do not wait)")  # fmt: skip
     args = p.parse_args(argv)
     configs = [Config.parse(c) for c in args.configs.split(",")]
     if configs[0] != DEFAULT:
@@ -401,7 +405,7 @@ def parse(argv: list[str] | None) -> Options:
         hour_loops=6,
         quick=args.quick,
         quiet_timeout=args.quiet_timeout,
-        record=not (args.quick or args.no_record),
+        record=recorded(args),
     )
 
 

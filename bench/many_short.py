@@ -13,7 +13,6 @@ again), so no result comes from the cache.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import random
@@ -31,7 +30,15 @@ from bench.harness import Farm, media
 from bench.machine import Disturbances
 from bench.memory import Peaks, RssSampler, merge_peaks, peaks_text
 from bench.phases import Phases, breakdown, phase_lines, phases
-from bench.results import command_line, header_lines, run, seconds_list, verdict
+from bench.results import (
+    bench_parser,
+    command_line,
+    header_lines,
+    recorded,
+    run,
+    seconds_list,
+    verdict,
+)
 from tests.speech import PARAGRAPHS, MediaFactory, decode, word_error_rate
 from worker.audio import SAMPLE_RATE
 from worker.engines import resolve_model
@@ -451,8 +458,7 @@ def method_lines() -> list[str]:
 
 
 def parse(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="20 clips; RESULTS.md untouched")
+    p = bench_parser(__doc__, "20 clips", quiet_timeout=1800)
     p.add_argument("--clips", type=int, default=None, help="how many clips (100; quick: 20)")
     p.add_argument("--repeats", type=int, default=None, help="rounds (2; quick: 1)")
     p.add_argument(
@@ -464,9 +470,6 @@ def parse(argv: list[str] | None) -> Options:
         default="batched,split",
         help="baselines: batched, plain (one process, 2 threads), split (2 × 1 thread)",
     )
-    p.add_argument("--no-record", action="store_true", help="print only (for trying settings)")
-    p.add_argument("--quiet-timeout", type=float, default=1800, help="seconds to wait for "
-                   "a quiet machine (0: do not wait)")  # fmt: skip
     args = p.parse_args(argv)
     return Options(
         clips=args.clips or (20 if args.quick else 100),
@@ -475,7 +478,7 @@ def parse(argv: list[str] | None) -> Options:
         loops=args.loops.split(","),
         quick=args.quick,
         quiet_timeout=args.quiet_timeout,
-        record=not (args.quick or args.no_record),
+        record=recorded(args),
     )
 
 

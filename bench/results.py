@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -13,6 +14,28 @@ from bench import ROOT
 from bench.machine import load_average, machine_info, wait_until_quiet
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def bench_parser(description: str, quick: str, quiet_timeout: float) -> argparse.ArgumentParser:
+    """A benchmark's command line, with what every one takes: --quick (`quick`, and
+    RESULTS.md untouched), --no-record and --quiet-timeout."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help=f"{quick}; RESULTS.md untouched")
+    p.add_argument("--no-record", action="store_true", help="print only")
+    p.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=quiet_timeout,
+        help="seconds to wait for a quiet machine (0: do not wait)",
+    )
+    return p
+
+
+def recorded(args: argparse.Namespace) -> bool:
+    """Whether the run writes its section of RESULTS.md."""
+    return not (args.quick or args.no_record)
 
 
 def write_section(title: str, body: str) -> None:

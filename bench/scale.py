@@ -13,7 +13,6 @@ workers: bench/board.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -29,7 +28,15 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from bench import ROOT, log
 from bench.farm import long_speech
 from bench.harness import Farm, media
-from bench.results import TARGETS_HEADER, command_line, header_lines, run, verdict
+from bench.results import (
+    TARGETS_HEADER,
+    bench_parser,
+    command_line,
+    header_lines,
+    recorded,
+    run,
+    verdict,
+)
 from shared.protocol import Segment
 from tests.speech import decode
 from worker.audio import probe_source
@@ -408,20 +415,16 @@ class Options:
 
 
 def parse(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="10-minute file; RESULTS.md untouched")
+    p = bench_parser(__doc__, "10-minute file", quiet_timeout=1800)
     p.add_argument("--workers", default="1,10,30", help="worker counts at the first speed")
     p.add_argument("--speeds", default="200,1000", help="engine speeds (× realtime)")
-    p.add_argument("--no-record", action="store_true", help="print only")
-    p.add_argument("--quiet-timeout", type=float, default=1800, help="seconds to wait for "
-                   "a quiet machine (0: do not wait)")  # fmt: skip
     args = p.parse_args(argv)
     return Options(
         audio_seconds=600 if args.quick else 3600,
         workers=[int(w) for w in args.workers.split(",")],
         speeds=[float(s) for s in args.speeds.split(",")],
         quiet_timeout=args.quiet_timeout,
-        record=not (args.quick or args.no_record),
+        record=recorded(args),
     )
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -195,11 +195,18 @@ def submit(
         Path | None,
         typer.Option("-o", "--output", help="Save the transcript here (implies --wait)."),
     ] = None,
+    diarize: Annotated[bool, typer.Option(help="Tell the speakers apart (S1, S2, ...).")] = False,
+    speakers: Annotated[
+        int | None, typer.Option(help="How many people speak, if known (implies --diarize).")
+    ] = None,
 ) -> None:
     """Submit a file or URL for transcription. Prints the transcription's id; with --wait,
     a live progress bar (on stderr) and then the transcript."""
+    options: dict[str, Any] = {}
+    if diarize or speakers is not None:
+        options = {"diarize": True, "num_speakers": speakers}
     with board_client(server, key) as client:
-        tid = submit_source(client, source)
+        tid = submit_source(client, source, options)
         if not (wait or output):
             typer.echo(tid)
             return
@@ -222,16 +229,21 @@ def submit_and_follow(server: str, key: str, path: Path, fmt: str) -> str:
         return follow(client, submit_source(client, str(path)), fmt)
 
 
-def submit_source(client, source: str) -> str:
-    """Uploads a file (streamed) or hands the board a URL; returns the transcription id."""
+def submit_source(client, source: str, options: dict[str, Any] | None = None) -> str:
+    """Uploads a file (streamed) or hands the board a URL, with `options` (those not None);
+    returns the transcription id."""
+    options = {name: value for name, value in (options or {}).items() if value is not None}
     if source.startswith(("http://", "https://")):
-        response = client.post("/v1/transcriptions", json={"url": source})
+        response = client.post("/v1/transcriptions", json={"url": source, **options})
     else:
         path = Path(source)
         if not path.is_file():
             raise typer.Exit(f"{source} is not a file (or an http(s) URL)")
+        fields = {name: str(value).lower() for name, value in options.items()}
         with path.open("rb") as f:
-            response = client.post("/v1/transcriptions", files={"file": (path.name, f)})
+            response = client.post(
+                "/v1/transcriptions", files={"file": (path.name, f)}, data=fields
+            )
     fail_on_error(response)
     return response.json()["id"]
 

@@ -20,11 +20,9 @@ from scipy.cluster.hierarchy import fcluster, linkage
 # Average cosine distance below which two groups of voices are one speaker: tuned on the
 # real-voice conversations of tests/realspeech.py (bench/speakers.py measures it).
 SAME_SPEAKER_DISTANCE = 0.47
-# A cluster with less speech than this is not a speaker of its own but stray windows
-# (laughter, noise, a word across a change of speaker): they join the nearest speaker.
+# A cluster of windows adding up to less than this is not a speaker of its own but stray
+# windows (laughter, noise, a word across a change of speaker): they join the nearest one.
 SMALLEST_SPEAKER_SECONDS = 2.5
-
-
 # A speaker's pause up to this long stays inside the turn (a breath, a word's gap).
 PAUSE_IN_TURN = 1.0
 # A shorter stretch of another voice inside one speaker's talk is taken for that speaker.

@@ -60,6 +60,18 @@ def test_submit_without_wait_prints_the_id(farm, tmp_path):
         assert client.get(f"/v1/transcriptions/{tid}").json()["filename"] == "a.wav"
 
 
+def test_submit_asks_for_speakers(farm, tmp_path):
+    server, keys = farm
+    audio = tmp_path / "talk.wav"
+    audio.write_bytes(b"bytes")
+    cli = scribefarm(server, keys["submit"], str(audio), "--speakers", "3")
+    stdout, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 0, stderr.decode()
+    with server.client(keys["submit"]) as client:
+        options = client.get(f"/v1/transcriptions/{stdout.decode().strip()}").json()["options"]
+    assert (options["diarize"], options["num_speakers"]) == (True, 3)
+
+
 def test_submit_a_url(farm):
     server, keys = farm
     cli = scribefarm(server, keys["submit"], f"{server.url}/healthz")
