@@ -16,17 +16,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from server.errors import describe_validation
 from server.uploads import Upload
-from shared.protocol import TranscriptionOptions
+from shared.protocol import MAX_KNOWN_SPEAKERS, SpeakerName, TranscriptionOptions
 
 # The form fields, as OpenAI names them; either endpoint's multipart upload takes them.
 NAMES_FIELD = "known_speaker_names[]"
 REFERENCES_FIELD = "known_speaker_references[]"
 MAX_REFERENCE_SECONDS = 30.0
 MIN_REFERENCE_SECONDS = 1.0
+NAMES = TypeAdapter(list[SpeakerName])
 DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII)
 
 
@@ -47,6 +48,7 @@ async def with_known_speakers(
         raise ReferenceRefused(f"send one {REFERENCES_FIELD} for each {NAMES_FIELD}")
     if not options.diarize:
         raise ReferenceRefused("known speakers need diarization (diarize=true, or diarized_json)")
+    check_names(names)  # before any clip is decoded
     voices = await asyncio.gather(*(asyncio.to_thread(reference_embedding, c) for c in clips))
     known = [
         {"name": name.strip(), "embedding": voice}
@@ -58,6 +60,17 @@ async def with_known_speakers(
         )
     except ValidationError as exc:
         raise ReferenceRefused(describe_validation(exc.errors())) from exc
+
+
+def check_names(names: list[str]) -> None:
+    if len(names) > MAX_KNOWN_SPEAKERS:
+        raise ReferenceRefused(f"at most {MAX_KNOWN_SPEAKERS} known speakers")
+    try:
+        NAMES.validate_python([name.strip() for name in names])
+    except ValidationError as exc:
+        raise ReferenceRefused(f"{NAMES_FIELD}: {describe_validation(exc.errors())}") from exc
+    if len({name.strip() for name in names}) != len(names):
+        raise ReferenceRefused("known speakers need different names")
 
 
 def clip_bytes(data_url: str) -> bytes:

@@ -51,11 +51,14 @@ def check_embedding(text: str) -> str:
 Embedding = Annotated[str, Field(max_length=1024), AfterValidator(check_embedding)]
 
 
+SpeakerName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f<>]+$")]
+
+
 class KnownSpeaker(Strict):
     """A speaker named in advance, by the voice of a reference clip: a voice that
     matches it is labelled with the name."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f<>]+$")
+    name: SpeakerName
     embedding: Embedding
 
 

@@ -21,6 +21,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -32,7 +33,9 @@ from server.board.queue import Queue
 from server.board.reads import ReadModels
 from server.board.transcriptions import Transcriptions
 from server.settings import Settings
-from server.storage import Storage
+
+if TYPE_CHECKING:  # at run time storage is handed in: no import circle through it
+    from server.storage import Storage
 
 __all__ = ["JOBS_CHANNEL", "Board", "connected", "init_connection"]
 

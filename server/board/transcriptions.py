@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
@@ -16,7 +16,9 @@ from server.board import cache, limits
 from server.board.errors import Conflict, not_found
 from server.board.locks import LOCK_TRANSCRIPTION, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
 from server.settings import Settings
-from server.storage import Storage
+
+if TYPE_CHECKING:  # at run time storage is handed in: no import circle through it
+    from server.storage import Storage
 
 INSERT_TRANSCRIPTION = """
 WITH t AS (
