@@ -1,6 +1,7 @@
 """Speakers: who said what, across a farm, on real voices taking turns (issue 16).
 
     .venv/bin/python -m bench.speakers            # both conversations, 3 rounds
+    .venv/bin/python -m bench.speakers --full     # and the 5 files of the evaluation set
     .venv/bin/python -m bench.speakers --quick    # the 2-speaker one, 1 round; writes nothing
 
 The conversations are tests/realspeech.py's `conversations()`: 2 and 4 real voices
@@ -48,7 +49,14 @@ from bench.results import (
     run,
     verdict,
 )
-from tests.realspeech import Recording, Turn, conversations, default_cache_dir, reference_turns
+from tests.realspeech import (
+    Recording,
+    Turn,
+    conversations,
+    default_cache_dir,
+    evaluation_set,
+    reference_turns,
+)
 
 SECTION = "## Speakers (bench/speakers.py)"
 CHUNK_SECONDS = 30
@@ -65,6 +73,7 @@ WAYS = ("diarize off", "word timestamps", "diarize", "diarize, num_speakers")
 class Options:
     rounds: int
     quick: bool
+    full: bool
     quiet_timeout: float
     record: bool
 
@@ -245,6 +254,8 @@ def diarization(recording: Recording, transcribed: Transcribed) -> Diarized:
 
 def measure(opts: Options, work: Path) -> list[FileResult]:
     recordings = conversations(default_cache_dir())
+    if opts.full:  # read speech of 3-4 voices, 7-9 minutes a file (docs/evaluation.md)
+        recordings += evaluation_set(default_cache_dir())
     if opts.quick:
         recordings = recordings[:1]
     results = [FileResult(r) for r in recordings]
@@ -292,10 +303,11 @@ def cost(result: FileResult, attr: str = "model") -> float:
 
 
 def report(results: list[FileResult], info: dict[str, str], load_start: str, quiet: bool) -> str:
-    free = [d for r in results for d in r.diarized("diarize")]
-    given = [d for r in results for d in r.diarized("diarize, num_speakers")]
-    counts = [(r.speakers, d.found) for r in results for d in r.diarized("diarize")]
-    worst_cost = max(cost(r) for r in results)
+    talks = [r for r in results if r.recording.name.startswith("conversation")]  # the targets'
+    free = [d for r in talks for d in r.diarized("diarize")]
+    given = [d for r in talks for d in r.diarized("diarize, num_speakers")]
+    counts = [(r.speakers, d.found) for r in talks for d in r.diarized("diarize")]
+    worst_cost = max(cost(r) for r in talks)
     lines = header_lines(info, command_line(), load_start, quiet) + TARGETS_HEADER
     lines += [
         target_row(f"DER ≤ {100 * TARGET_DER:.0f} % (collar {COLLAR} s), no count given, worst run",
@@ -400,14 +412,16 @@ def method_lines(results: list[FileResult]) -> list[str]:
     rounds = len(results[0].runs["diarize off"])
     return [
         "How it was measured:",
-        f"- {rounds} round(s); in each, every conversation is transcribed {len(WAYS)} ways "
+        f"- {rounds} round(s); in each, every file is transcribed {len(WAYS)} ways "
         f"({', '.join(WAYS)}), `tiny.en` int8 on the CPU, {WORKERS} workers × {THREADS} "
         f"thread, `--batch-size {BATCH_SIZE}`, `target_chunk_seconds={CHUNK_SECONDS}`; the "
         "chunk cache is emptied before every run.",
         "- The conversations (tests/realspeech.py `conversations()`): Allison Smith's "
         "Asterisk prompts, MFA's test-data speaker Michael (monologues cut at their pauses, "
         "short clips) and the two podcast hosts of MFA's test data, joined with 0.3–1.0 s "
-        "between turns; the reference turns are exact on the file's timeline.",
+        "between turns; the reference turns are exact on the file's timeline. The targets "
+        "are theirs; with `--full` the evaluation set's files (read speech of 3-4 voices, "
+        "7-9 minutes each, docs/evaluation.md) are measured beside them.",
         f"- DER: `DiarizationErrorRate(collar={COLLAR})` over the whole file; the hypothesis "
         "is the transcript's `turns` (who spoke when, from the voice windows). 'Where "
         "words': the same metric over only the stretches the transcript has words for "
@@ -429,10 +443,12 @@ def method_lines(results: list[FileResult]) -> list[str]:
 def parse(argv: list[str] | None) -> Options:
     p = bench_parser(__doc__, "the 2-speaker file, 1 round", quiet_timeout=600)
     p.add_argument("--rounds", type=int, default=None, help="rounds of every way (3; quick: 1)")
+    p.add_argument("--full", action="store_true", help="also the evaluation set's 5 files")
     args = p.parse_args(argv)
     return Options(
         rounds=args.rounds or (1 if args.quick else 3),
         quick=args.quick,
+        full=args.full,
         quiet_timeout=args.quiet_timeout,
         record=recorded(args),
     )

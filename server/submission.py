@@ -198,9 +198,9 @@ def dedup_key(source_sha256: str, options: TranscriptionOptions, model: str) -> 
         },
     )
     shaping |= {"model": model, "word_timestamps": options.word_timestamps}
-    if options.diarize:  # who spoke, and how many were asked for
+    if options.diarize:  # who spoke: how many, and who they may be
         shaping |= options.model_dump(
-            include={"diarize", "num_speakers", "min_speakers", "max_speakers"}
+            include={"diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers"}
         )
     return hashlib.sha256(
         f"{source_sha256}|{json.dumps(shaping, sort_keys=True)}".encode()

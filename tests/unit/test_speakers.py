@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from server import transcripts
 from server.speakers import Diarization, Speakers, cluster, label
+from server.submission import dedup_key
 from shared.protocol import TranscriptionOptions
 
 RNG = np.random.default_rng(7)
@@ -167,3 +168,20 @@ def test_merge_clusters_the_voices_of_every_chunk_together():
 def test_speaker_counts_that_cannot_be_met_are_refused(options):
     with pytest.raises(ValidationError):
         TranscriptionOptions.model_validate(options)
+
+
+def test_what_is_asked_of_speakers_shapes_the_deduplication_key():
+    def key(**options):
+        return dedup_key("sha", TranscriptionOptions.model_validate(options), "tiny.en")
+
+    ann = {"name": "Ann", "embedding": voice(0, 0.0)["embedding"]}
+    bob = {"name": "Bob", "embedding": voice(1, 0.0)["embedding"]}
+    keys = [
+        key(),
+        key(diarize=True),
+        key(diarize=True, num_speakers=2),
+        key(diarize=True, known_speakers=[ann]),
+        key(diarize=True, known_speakers=[bob]),
+    ]
+    assert len(set(keys)) == len(keys)
+    assert key(diarize=True, known_speakers=[ann]) == keys[3]
