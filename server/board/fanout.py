@@ -149,6 +149,7 @@ WHERE state IN ('queued', 'running') AND state = 'running'
 LIMIT 100
 """
 
+# Uses transcriptions_pkey.
 OPTIONS = "SELECT options FROM transcriptions WHERE id = $1"
 
 # Uses ix_jobs_transcription.

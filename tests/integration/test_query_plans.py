@@ -50,6 +50,7 @@ STATEMENTS = [
     (fanout, "MERGEABLE", "transcriptions_pkey"),
     (fanout, "UNMERGED", "ix_transcriptions_active"),
     (fanout, "CHUNK_RESULTS", "ix_jobs_transcription"),
+    (fanout, "OPTIONS", "transcriptions_pkey"),
     (transcriptions, "INSERT_TRANSCRIPTION", None),
     (transcriptions, "INSERT_DUPLICATE", None),
     (transcriptions, "FIND_DUPLICATE", "ix_transcriptions_dedup"),
