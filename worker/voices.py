@@ -404,9 +404,6 @@ def embed_clip(audio: np.ndarray) -> np.ndarray:
 
 
 def pack(embedding: np.ndarray) -> str:
-    """Base64 of the float16 little-endian values: 256 dimensions -> 684 characters."""
+    """Base64 of the float16 little-endian values: 256 dimensions -> 684 characters (the
+    board reads them with server/speakers.py `unpack`)."""
     return base64.b64encode(np.asarray(embedding, "<f2").tobytes()).decode("ascii")
-
-
-def unpack(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), "<f2").astype(np.float32)
