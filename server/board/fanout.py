@@ -74,27 +74,36 @@ WHERE t.id = $1 AND t.state = 'running'
 RETURNING t.jobs_done >= t.jobs_total AS all_done, t.duration_seconds
 """
 
+# What a transcribe job's completion adds, whichever way it completes (the completed job
+# is the CTE `job`, with its worker_id and transcription_id; $4 its audio seconds, $5 the
+# worker's busy seconds, $6 whether the cache answered): its worker's statistics, and the
+# transcription's count of jobs done.
+CREDIT_WORKER = """
+    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $4,
+                       busy_seconds = busy_seconds + $5, last_seen_at = now()
+    WHERE id = (SELECT worker_id FROM job) AND NOT $6
+"""
+COUNT_DONE = """
+    UPDATE transcriptions
+    SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $4
+    WHERE id = (SELECT transcription_id FROM job) AND state = 'running'
+"""
+
 # A short source's one chunk, transcribed by its chunk job ($3): its transcribe job is
-# done on arrival, credited to that job's worker, and counted as any completion is
-# (COMPLETE_TRANSCRIBE), under the transcription's lock the plan's completion holds.
+# done on arrival with the result $7, credited to that job's worker and counted as any
+# completion is, under the transcription's lock the plan's completion holds.
 # ix_jobs_transcription, then primary key lookups. Returns the owner (for the cache).
-DONE_BY_PLANNER = """
+DONE_BY_PLANNER = f"""
 WITH planner AS (
     SELECT worker_id, leased_at FROM jobs WHERE id = $3
-), done AS (
-    UPDATE jobs SET state = 'succeeded', result = $4, finished_at = now(), attempts = 1,
+), job AS (
+    UPDATE jobs SET state = 'succeeded', result = $7, finished_at = now(), attempts = 1,
                     worker_id = (SELECT worker_id FROM planner),
                     leased_at = (SELECT leased_at FROM planner)
     WHERE transcription_id = $1 AND seq = $2 AND state = 'queued'
-    RETURNING worker_id
-), stats AS (
-    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $5,
-                       busy_seconds = busy_seconds + $6
-    WHERE id = (SELECT worker_id FROM done) AND NOT $7
-)
-UPDATE transcriptions
-SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $5
-WHERE id = $1 AND EXISTS (SELECT 1 FROM done)
+    RETURNING worker_id, transcription_id
+), stats AS ({CREDIT_WORKER})
+{COUNT_DONE}
 RETURNING api_key_id
 """
 
@@ -247,10 +256,10 @@ class FanOut:
             transcription_id,
             chunk.index + 1,
             job_id,
-            result.model_dump(mode="json"),
             result.audio_seconds,
             result.processing_seconds,
             result.cached,
+            result.model_dump(mode="json"),
         )
         if owner is not None and result.cache_key and not result.cached:
             await cache.store(conn, owner, chunk.start, result)

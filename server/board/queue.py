@@ -14,7 +14,7 @@ import asyncpg
 from server import metrics
 from server.board import cache
 from server.board.errors import Conflict, Invalid, NotFound, OverLimit
-from server.board.fanout import FanOut
+from server.board.fanout import COUNT_DONE, CREDIT_WORKER, FanOut
 from server.board.locks import LOCK_KEY, LOCK_TRANSCRIPTION_OF_JOB, notify_jobs
 from server.board.transcriptions import Transcriptions
 from server.settings import Settings
@@ -152,7 +152,7 @@ RETURNING kind, transcription_id, extract(epoch FROM now() - leased_at)::float8 
 # transcription (the job's update waits on `transcription`), the job (fenced on the
 # lease), the worker's statistics, then the fan-in count; the completion that sees
 # jobs_done reach jobs_total merges, in a transaction of its own (FanOut.merge).
-COMPLETE_TRANSCRIBE = """
+COMPLETE_TRANSCRIBE = f"""
 WITH transcription AS (
     SELECT t.id, t.api_key_id FROM jobs j JOIN transcriptions t ON t.id = j.transcription_id
     WHERE j.id = $1
@@ -164,14 +164,7 @@ WITH transcription AS (
       AND transcription_id = (SELECT id FROM transcription)
     RETURNING transcription_id, worker_id, start_seconds,
               extract(epoch FROM now() - leased_at)::float8 AS lease_seconds
-), stats AS (
-    UPDATE workers SET jobs_done = jobs_done + 1, audio_seconds = audio_seconds + $4,
-                       busy_seconds = busy_seconds + $5, last_seen_at = now()
-    WHERE id = (SELECT worker_id FROM job) AND NOT $6
-), counted AS (
-    UPDATE transcriptions
-    SET jobs_done = jobs_done + 1, audio_seconds_done = audio_seconds_done + $4
-    WHERE id = (SELECT transcription_id FROM job) AND state = 'running'
+), stats AS ({CREDIT_WORKER}), counted AS ({COUNT_DONE}
     RETURNING jobs_done >= jobs_total AND duration_seconds IS NOT NULL AS all_done
 )
 SELECT job.transcription_id, job.start_seconds, job.lease_seconds,

@@ -185,4 +185,5 @@ def test_every_statement_of_the_board_is_listed_or_run_rarely():
         if name.isupper() and isinstance(value, str) and re.match(STATEMENT, value)
     }
     listed = {name for _, name, _ in STATEMENTS}
-    assert statements - listed - rarely == set()
+    parts = {"CREDIT_WORKER", "COUNT_DONE"}  # CTEs of the two completions above, never alone
+    assert statements - listed - rarely - parts == set()
