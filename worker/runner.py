@@ -409,12 +409,13 @@ class Worker:
         hits = [
             (job, item, reuse(job, cached[key], key)) for job, item, key in inputs if key in cached
         ]
-        try:
-            self._defer(
-                [(job, result) for job, _, result in await asyncio.to_thread(with_voices, hits)]
-            )
-        except VoiceEncoderMissing as exc:
-            await self._fail_all([job for job, _, _ in hits], str(exc))
+        if any(job.options.diarize for job, _, _ in hits):  # else no thread for nothing
+            try:
+                hits = await asyncio.to_thread(with_voices, hits)
+            except VoiceEncoderMissing as exc:
+                await self._fail_all([job for job, _, _ in hits], str(exc))
+                hits = []
+        self._defer([(job, result) for job, _, result in hits])
         return [entry for entry in inputs if entry[2] not in cached]
 
     async def _read_range(self, job: ClaimedJob, source: str) -> np.ndarray | None:

@@ -90,6 +90,28 @@ def test_one_voice_keeps_one_label_in_every_chunk(farm, talks):
     vtt = client.get(f"/v1/transcriptions/{tid}/transcript?format=vtt").text
     assert "<v S1>" in vtt and "<v S2>" in vtt
 
+    # Again, every chunk answered from the cache (the same audio and decoding): the cache
+    # keeps words, not voices, so the worker still hears who spoke.
+    again, repeated = transcribe(
+        client,
+        conversation.audio,
+        diarize=True,
+        min_speakers=2,
+        max_speakers=2,
+        target_chunk_seconds=CHUNK_SECONDS,
+    )
+    cached = server.sql(
+        "SELECT bool_and((result->>'cached')::bool) AS all FROM jobs "
+        "WHERE transcription_id = $1 AND kind = 'transcribe'",
+        again,
+    )
+    assert cached[0]["all"]
+
+    def who_said_what(doc):  # times come back shifted through the cache: float noise
+        return [(round(s["start"], 2), s["text"], s["speaker"]) for s in doc["segments"]]
+
+    assert who_said_what(repeated) == who_said_what(document)
+
 
 def data_url(samples: np.ndarray) -> str:
     """A WAV clip as OpenAI's clients send a known speaker's reference."""
