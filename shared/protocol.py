@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import struct
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
@@ -38,13 +40,17 @@ class Strict(BaseModel):
 
 
 def check_embedding(text: str) -> str:
-    """A voice embedding on the wire: VOICE_DIMENSIONS float16, little-endian, base64."""
+    """A voice embedding on the wire: VOICE_DIMENSIONS float16, little-endian, base64,
+    finite and not all zero (the clustering's cosine distances need a direction)."""
     try:
-        size = len(base64.b64decode(text, validate=True))
+        raw = base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise ValueError("an embedding is base64") from exc
-    if size != 2 * VOICE_DIMENSIONS:
+    if len(raw) != 2 * VOICE_DIMENSIONS:
         raise ValueError(f"an embedding is {VOICE_DIMENSIONS} float16 values")
+    values = struct.unpack(f"<{VOICE_DIMENSIONS}e", raw)
+    if not all(math.isfinite(v) for v in values) or not any(values):
+        raise ValueError("an embedding's values are finite and not all zero")
     return text
 
 

@@ -273,7 +273,8 @@ class VoiceEncoder:
             sequence = _lstm_layer(sequence, starts, w_ih, w_hh, bias, keep=k < LAYERS - 1)
         w, b = self.linear
         raw = np.maximum(sequence @ w + b, 0)
-        return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # an all-zero row stays NaN: embed_speech drops it
+            return raw / np.linalg.norm(raw, axis=1, keepdims=True)
 
 
 def _groups(lengths: list[int]) -> dict[int, list[int]]:
@@ -389,7 +390,9 @@ def embed_speech(
             kept.append((start, end))
             mels.append(frames * np.float32(_gain(_samples(audio, audio_start, start, end)) ** 2))
     vectors = encoder().embed_frames(mels) if mels else []
-    return [(s, e, v) for (s, e), v in zip(kept, vectors, strict=True)]
+    # A window the network has nothing to say about (all zero after the ReLU) has no
+    # direction to compare: it is left out, as too short a window is.
+    return [(s, e, v) for (s, e), v in zip(kept, vectors, strict=True) if np.isfinite(v).all()]
 
 
 def embed_clip(audio: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import wave
 from collections import Counter, defaultdict
 
@@ -199,3 +200,32 @@ def test_speaker_options_that_cannot_work_are_refused_before_anything_is_queued(
     assert [r.status_code for r in refused] == [422, 422, 400, 400], [r.text for r in refused]
     assert "known_speaker_references" in refused[2].text
     assert server.sql("SELECT count(*) AS n FROM transcriptions")[0]["n"] == before
+
+
+def test_a_reference_clip_cannot_make_the_server_fetch_anything(farm, talks):
+    """A "clip" that is a playlist naming a URL is not followed: the server's decoder
+    takes single-file formats from the local file only, and refuses it."""
+    _, client = farm
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    playlist = f"#EXTM3U\n#EXTINF:5,\nhttp://127.0.0.1:{port}/voice.wav\n#EXT-X-ENDLIST\n"
+    url = "data:audio/x-mpegurl;base64," + base64.b64encode(playlist.encode()).decode()
+    with open(talks[0].audio, "rb") as audio:
+        response = client.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", audio.read())},
+            data={
+                "model": "whisper-1",
+                "response_format": "diarized_json",
+                "known_speaker_names[]": "Ann",
+                "known_speaker_references[]": url,
+            },
+        )
+    assert response.status_code == 400, response.text
+    assert "cannot be read" in response.json()["error"]["message"]
+    with pytest.raises(TimeoutError):  # nobody came
+        listener.accept()
+    listener.close()

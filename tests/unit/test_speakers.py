@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from server import transcripts
 from server.speakers import Diarization, Speakers, cluster, label
 from server.submission import dedup_key
-from shared.protocol import TranscriptionOptions
+from shared.protocol import TranscriptionOptions, Voice
 
 RNG = np.random.default_rng(7)
 DIRECTIONS = RNG.normal(size=(4, 256))
@@ -185,3 +185,11 @@ def test_what_is_asked_of_speakers_shapes_the_deduplication_key():
     ]
     assert len(set(keys)) == len(keys)
     assert key(diarize=True, known_speakers=[ann]) == keys[3]
+
+
+@pytest.mark.parametrize("values", [np.zeros(256), np.full(256, np.nan), np.full(256, np.inf)])
+def test_a_voice_without_a_direction_is_refused_on_the_wire(values):
+    """A worker's NaN, infinite or zero embedding would break the file's clustering."""
+    embedding = base64.b64encode(values.astype("<f2").tobytes()).decode()
+    with pytest.raises(ValidationError, match="finite and not all zero"):
+        Voice(start=0.0, end=1.6, embedding=embedding)
