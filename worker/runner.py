@@ -73,17 +73,20 @@ def with_voices(
     transcribed: list[tuple[ClaimedJob, EngineInput, ChunkTranscript]],
 ) -> list[tuple[ClaimedJob, EngineInput, ChunkTranscript]]:
     """Each chunk whose transcription tells speakers apart, with the voices of its speech
-    (where the plan found speech; else where the words are)."""
-    heard = []
-    for job, item, result in transcribed:
-        if job.options.diarize:
-            speech = job.chunk.speech or [(s.start, s.end) for s in result.segments]
-            voices = [
-                Voice(start=start, end=end, embedding=pack(vector))
-                for start, end, vector in embed_speech(item.audio, item.offset, speech)
-            ]
-            result = result.model_copy(update={"voices": voices})
-        heard.append((job, item, result))
+    (where the plan found speech; else where the words are): all of them in one batch."""
+    diarized = [i for i, (job, _, _) in enumerate(transcribed) if job.options.diarize]
+    if not diarized:
+        return transcribed
+    chunks = []
+    for i in diarized:
+        job, item, result = transcribed[i]
+        speech = job.chunk.speech or [(s.start, s.end) for s in result.segments]
+        chunks.append((item.audio, item.offset, speech))
+    heard = list(transcribed)
+    for i, windows in zip(diarized, embed_speech(chunks), strict=True):
+        job, item, result = heard[i]
+        voices = [Voice(start=s, end=e, embedding=pack(vector)) for s, e, vector in windows]
+        heard[i] = (job, item, result.model_copy(update={"voices": voices}))
     return heard
 
 

@@ -111,10 +111,11 @@ def test_embeddings_are_unit_length_and_deterministic(speech: tuple) -> None:
 
 def test_windows_of_one_voice_are_closer_than_of_two(speech: tuple) -> None:
     audio, turns = speech
+    [windows] = voices.embed_speech([(audio, 0.0, [(start, end) for _, start, end in turns])])
+    speaker_at = {(start, end): speaker for speaker, start, end in turns}
     rows = [
-        (speaker, vector)
-        for speaker, start, end in turns
-        for _, _, vector in voices.embed_speech(audio, 0.0, [(start, end)])
+        (next(s for (a, b), s in speaker_at.items() if a <= start and end <= b), vector)
+        for start, end, vector in windows
     ]
     labels = np.array([speaker for speaker, _ in rows])
     similarity = np.stack([v for _, v in rows]) @ np.stack([v for _, v in rows]).T
@@ -130,21 +131,36 @@ def test_a_quiet_voice_is_raised_to_the_volume_the_model_knows(speech: tuple) ->
     # The model's input is mel power, not its log: the level changes the embedding (this
     # window at -12 dBFS and at -30 dBFS: cosine 0.34), so speech quieter than -30 dBFS
     # is raised to it first, whatever its level.
-    quiet = voices.embed_speech(audio * 0.01, 0.0, [(5.0, 6.6)])[0][2]
-    quieter = voices.embed_speech(audio * 0.001, 0.0, [(5.0, 6.6)])[0][2]
+    [[(_, _, quiet)], [(_, _, quieter)]] = voices.embed_speech(
+        [(audio * 0.01, 0.0, [(5.0, 6.6)]), (audio * 0.001, 0.0, [(5.0, 6.6)])]
+    )
     assert float(quiet @ quieter) > 0.999
     raised = voices.normalize_volume(audio[:16000] * 0.01)
     assert 10 * np.log10(np.mean(raised.astype(np.float64) ** 2)) == pytest.approx(-30, abs=0.01)
 
 
-def test_speech_windows_cover_each_region() -> None:
+def test_speech_windows_cover_each_region_side_by_side() -> None:
     assert voices.speech_windows([(10.0, 11.6)]) == [(10.0, 11.6)]
-    assert voices.speech_windows([(10.0, 13.2)]) == [(10.0, 11.6), (10.8, 12.4), (11.6, 13.2)]
-    # The last window ends at the region's end, overlapping its neighbour more.
-    assert voices.speech_windows([(0.0, 3.0)]) == [(0.0, 1.6), (0.8, 2.4), (1.4, 3.0)]
+    assert voices.speech_windows([(10.0, 13.2)]) == [(10.0, 11.6), (11.6, 13.2)]
+    # The last window ends at the region's end, overlapping its neighbour.
+    assert voices.speech_windows([(0.0, 3.0)]) == [(0.0, 1.6), (1.4, 3.0)]
+    assert voices.speech_windows([(0.0, 4.0)]) == [(0.0, 1.6), (1.6, 3.2), (2.4, 4.0)]
     assert voices.speech_windows([(5.0, 6.0), (7.0, 7.4)]) == [(5.0, 6.0)]
-    assert voices.speech_windows([(0.0, 4.0)], hop=1.6) == [(0.0, 1.6), (1.6, 3.2), (2.4, 4.0)]
     assert voices.speech_windows([]) == []
+
+
+def test_chunks_embedded_together_as_each_alone(speech: tuple) -> None:
+    audio, _ = speech
+    chunks = [(audio[: 30 * 16000], 0.0, [(1.0, 9.5)]), (audio[30 * 16000 :], 30.0, [(31.0, 33.0)])]
+    together = voices.embed_speech(chunks)
+    alone = [voices.embed_speech([chunk])[0] for chunk in chunks]
+    assert [[(s, e) for s, e, _ in c] for c in together] == [
+        [(s, e) for s, e, _ in c] for c in alone
+    ]
+    assert len(together[0]) == 6 and len(together[1]) == 2
+    for mine, theirs in zip(together, alone, strict=True):
+        np.testing.assert_allclose([v for *_, v in mine], [v for *_, v in theirs], atol=1e-5)
+    assert voices.embed_speech([]) == []
 
 
 def test_embeddings_pack_small_and_round_trip() -> None:
