@@ -34,8 +34,8 @@ from bench.results import (
     bench_parser,
     command_line,
     header_lines,
-    recorded,
     run,
+    run_options,
     seconds_list,
     verdict,
 )
@@ -404,8 +404,7 @@ def parse(argv: list[str] | None) -> Options:
         configs=configs,
         hour_loops=6,
         quick=args.quick,
-        quiet_timeout=args.quiet_timeout,
-        record=recorded(args),
+        **run_options(args),
     )
 
 

@@ -34,8 +34,8 @@ from bench.results import (
     bench_parser,
     command_line,
     header_lines,
-    recorded,
     run,
+    run_options,
     seconds_list,
     verdict,
 )
@@ -477,8 +477,7 @@ def parse(argv: list[str] | None) -> Options:
         batch_sizes=[int(s) for s in args.batch_sizes.split(",")],
         loops=args.loops.split(","),
         quick=args.quick,
-        quiet_timeout=args.quiet_timeout,
-        record=recorded(args),
+        **run_options(args),
     )
 
 

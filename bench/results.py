@@ -38,6 +38,12 @@ def recorded(args: argparse.Namespace) -> bool:
     return not (args.quick or args.no_record)
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run` reads from a benchmark's options, as `bench_parser`'s command line
+    gave them."""
+    return {"quiet_timeout": args.quiet_timeout, "record": recorded(args)}
+
+
 def write_section(title: str, body: str) -> None:
     """Replaces the section headed `title` (or appends it), keeping every other
     section, and any '### Analysis' written by hand at the end of this one."""

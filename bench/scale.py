@@ -33,8 +33,8 @@ from bench.results import (
     bench_parser,
     command_line,
     header_lines,
-    recorded,
     run,
+    run_options,
     verdict,
 )
 from shared.protocol import Segment
@@ -423,8 +423,7 @@ def parse(argv: list[str] | None) -> Options:
         audio_seconds=600 if args.quick else 3600,
         workers=[int(w) for w in args.workers.split(",")],
         speeds=[float(s) for s in args.speeds.split(",")],
-        quiet_timeout=args.quiet_timeout,
-        record=recorded(args),
+        **run_options(args),
     )
 
 

@@ -45,8 +45,8 @@ from bench.results import (
     bench_parser,
     command_line,
     header_lines,
-    recorded,
     run,
+    run_options,
     verdict,
 )
 from tests.realspeech import (
@@ -449,8 +449,7 @@ def parse(argv: list[str] | None) -> Options:
         rounds=args.rounds or (1 if args.quick else 3),
         quick=args.quick,
         full=args.full,
-        quiet_timeout=args.quiet_timeout,
-        record=recorded(args),
+        **run_options(args),
     )
 
 
