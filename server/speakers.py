@@ -19,7 +19,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 # Average cosine distance below which two groups of voices are one speaker: tuned on the
 # real-voice conversations and the evaluation set of tests/realspeech.py (bench/
-# speakers.py measures it). The best values there span only 0.483-0.492: this encoder
+# speakers.py measures it). The best values there span only 0.485-0.49: this encoder
 # puts some pairs of voices (two podcast hosts) closer than one voice recorded in two
 # rooms, so no threshold fits every file.
 SAME_SPEAKER_DISTANCE = 0.4875
