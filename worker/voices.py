@@ -344,8 +344,8 @@ def speech_windows(
     ending at the region's end (overlapping its neighbour); a region shorter than
     ``window`` (but at least ``shortest``) is one window of its own length, a shorter one
     gets none. Side by side, not overlapping by half as Resemblyzer's partials do: the
-    encoder's time is in proportion to the windows, and on the test conversations and the
-    evaluation set half-overlapping windows labelled no window better (bench/RESULTS.md)."""
+    encoder's time is in proportion to the windows, and half-overlapping ones labelled the
+    test conversations and the evaluation set no better (bench/RESULTS.md)."""
     out: list[tuple[float, float]] = []
     eps = 1e-6
     for start, end in speech:
@@ -364,10 +364,10 @@ def speech_windows(
     return out
 
 
-Speech = tuple[np.ndarray, float, list[tuple[float, float]]]  # audio, its start, speech
+ChunkSpeech = tuple[np.ndarray, float, list[tuple[float, float]]]  # audio, its start, speech
 
 
-def embed_speech(chunks: list[Speech]) -> list[list[tuple[float, float, np.ndarray]]]:
+def embed_speech(chunks: list[ChunkSpeech]) -> list[list[tuple[float, float, np.ndarray]]]:
     """For each chunk (``audio`` starting at ``audio_start`` seconds, and its speech in
     absolute seconds), the ``speech_windows`` of its speech with their embeddings. The
     windows of all the chunks go through the network in one batch (bigger matrices: about
@@ -388,12 +388,13 @@ def embed_speech(chunks: list[Speech]) -> list[list[tuple[float, float, np.ndarr
     windows = [_window_mels(*chunk) for chunk in chunks]
     mels = [mel for chunk in windows for _, mel in chunk]
     vectors = iter(encoder().embed_frames(mels) if mels else [])
-    # A window the network has nothing to say about (all zero after the ReLU) has no
-    # direction to compare: it is left out, as too short a window is.
-    return [
-        [(s, e, v) for (s, e), _ in chunk if np.isfinite(v := next(vectors)).all()]
-        for chunk in windows
-    ]
+    heard = []
+    for chunk in windows:
+        embedded = [(span, next(vectors)) for span, _ in chunk]
+        # A window the network has nothing to say about (all zero after the ReLU) has no
+        # direction to compare: it is left out, as too short a window is.
+        heard.append([(s, e, v) for (s, e), v in embedded if np.isfinite(v).all()])
+    return heard
 
 
 def _window_mels(
