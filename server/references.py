@@ -19,12 +19,12 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from server.errors import describe_validation
-from server.uploads import Upload
+from server.uploads import REFERENCES_FIELD, Upload
 from shared.protocol import MAX_KNOWN_SPEAKERS, SpeakerName, TranscriptionOptions
 
-# The form fields, as OpenAI names them; either endpoint's multipart upload takes them.
+# The form fields, as OpenAI names them (the clips' one is uploads.py's, which caps its
+# size); either endpoint's multipart upload takes them.
 NAMES_FIELD = "known_speaker_names[]"
-REFERENCES_FIELD = "known_speaker_references[]"
 MAX_REFERENCE_SECONDS = 30.0
 MIN_REFERENCE_SECONDS = 1.0
 NAMES = TypeAdapter(list[SpeakerName])

@@ -18,9 +18,10 @@ MAX_FIELD_BYTES = 8192
 MAX_FIELDS = 64
 MAX_PART_HEADERS = 8  # per part (python-multipart's own default, set here so it stays)
 MAX_PART_HEADER_BYTES = 4096  # per header line
-# Fields that carry more than a short value, each with its cap and how many may come: a
-# known speaker's reference clip (OpenAI's known_speaker_references[], data URLs).
-LARGE_FIELDS = {"known_speaker_references[]": 1536 * 1024}
+# A known speaker's reference clip (OpenAI's field name; a data URL each: references.py).
+REFERENCES_FIELD = "known_speaker_references[]"
+# Fields that carry more than a short value, each with its cap, and how many may come.
+LARGE_FIELDS = {REFERENCES_FIELD: 1536 * 1024}
 MAX_LARGE_FIELDS = 4
 MULTIPART_OVERHEAD = (  # headers and fields around the file
     1024 * 1024 + MAX_LARGE_FIELDS * max(LARGE_FIELDS.values())
