@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from collections import Counter
@@ -104,13 +105,10 @@ def turns(segments: list[dict[str, Any]]) -> list[str]:
     """Plain text: a line per segment, or with speakers a line per turn ("S1: ...")."""
     if not any("speaker" in s for s in segments):
         return [s["text"] for s in segments]
-    lines: list[tuple[str, list[str]]] = []
-    for segment in segments:
-        if lines and lines[-1][0] == segment["speaker"]:
-            lines[-1][1].append(segment["text"])
-        else:
-            lines.append((segment["speaker"], [segment["text"]]))
-    return [f"{speaker}: {' '.join(texts)}" for speaker, texts in lines]
+    return [
+        f"{speaker}: {' '.join(s['text'] for s in turn)}"
+        for speaker, turn in itertools.groupby(segments, key=lambda s: s["speaker"])
+    ]
 
 
 def cues(

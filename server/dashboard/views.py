@@ -3,6 +3,7 @@ ages, speeds, progress, the chunk timeline and the charts."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -266,14 +267,10 @@ class Turn:
 
 def speaker_turns(segments: list[dict[str, Any]], speakers: list[SpeakerView]) -> list[Turn]:
     by_label = {s.label: s for s in speakers}
-    turns: list[Turn] = []
-    for index, segment in enumerate(segments):
-        speaker = by_label.get(segment.get("speaker", ""))
-        if turns and turns[-1].speaker == speaker:
-            turns[-1].segments.append((index, segment))
-        else:
-            turns.append(Turn(speaker, [(index, segment)]))
-    return turns
+    runs = itertools.groupby(
+        enumerate(segments), key=lambda p: by_label.get(p[1].get("speaker", ""))
+    )
+    return [Turn(speaker, list(run)) for speaker, run in runs]
 
 
 def time_marks(duration: float | None, count: int = 5) -> list[tuple[float, str]]:
